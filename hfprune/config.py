@@ -1,0 +1,177 @@
+"""`PruningConfig`: what to prune, how to score it, and when.
+
+A plain dataclass whose every field carries a `help`, so it works with
+`transformers.HfArgumentParser` exactly like `TrainingArguments` or trl's configs.
+Validation happens in `__post_init__`, before any model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+STRUCTURES = ("heads", "channels")
+HEAD_GRANULARITIES = ("kv_group", "query_head")
+SCHEDULES = ("cubic", "linear", "one_shot")
+RANKINGS = ("local", "global")
+NORMALIZATIONS = ("module", "none")
+PHYSICAL_REMOVAL = ("after_pruning", "at_end")
+
+
+def _fraction(name: str, value: Optional[float], upper_open: bool = True) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: must be a number in [0, 1)")
+    if value < 0 or (value >= 1 if upper_open else value > 1):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name}={value}: must be in {interval}")
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(repr(v) for v in valid)}")
+
+
+@dataclass
+class PruningConfig:
+    """Configuration of structured pruning with hfprune.
+
+    Sparsity is always counted in parameters: `target_sparsity=0.2` removes 20% of
+    the *prunable decoder parameters* (the q/k/v/o and gate/up/down projection
+    weights of the layers that may be pruned, i.e. all decoder layers but the
+    protected ones). The fraction of all model parameters is reported beside it.
+
+    Parameters:
+        target_sparsity: fraction of prunable decoder parameters to remove, in [0, 1).
+        importance: name of a registered importance criterion: "lora" (LoRAPrune),
+            "taylor", "taylor2", "vector" (LLM-Pruner), "magnitude", "random", or one
+            registered with `hfprune.importance.register_importance`.
+        structures: which groups may be removed: "heads" and/or "channels".
+        head_granularity: "kv_group" removes a key/value head together with the
+            query heads that read it; "query_head" removes query heads inside KV
+            groups, keeping every KV head and the same number of query heads per group.
+        head_sparsity / channel_sparsity: optional separate targets, as fractions of
+            the heads (query heads) and MLP channels of each prunable layer. When
+            either is set, `target_sparsity` is derived from them, not used.
+        ranking: "local" prunes the same fraction of every prunable layer
+            (LoRAPrune); "global" ranks groups across layers by score per parameter.
+        schedule: "cubic", "linear" or "one_shot" ramp of the sparsity.
+        pruning_steps: optimizer steps of the pruning stage. None: `pruning_fraction`
+            of the run's total steps.
+        pruning_fraction: fraction of all optimizer steps spent in the pruning stage
+            when `pruning_steps` is None; the rest is recovery.
+        warmup_ratio / cooldown_ratio: fractions of the pruning stage spent before the
+            first and after the last mask update.
+        prune_every: optimizer steps between two mask updates.
+        ema_decay: weight of the old score in the exponential moving average.
+        normalize: "module" L2-normalises each module's per-group scores before
+            they are summed into group scores (LoRAPrune); "none" keeps raw sums.
+        protected_layers: layer indices never pruned. None: the first 10% of the
+            layers and the last layer (LoRAPrune's default).
+        min_heads / min_channels: floor on the width of every pruned layer.
+        round_heads_to / round_channels_to: kept widths are rounded to multiples.
+        uniform: every prunable layer keeps the same widths, so the checkpoint is a
+            stock config that loads without remote code.
+        physical_removal: "after_pruning" slices the weights at the end of the
+            pruning stage (recovery then trains the smaller model); "at_end" keeps
+            masks until training ends.
+        seed: seed of the "random" criterion and of every tie-break.
+    """
+
+    target_sparsity: float = field(
+        default=0.2, metadata={"help": "Fraction of the prunable decoder parameters to remove, in [0, 1)."}
+    )
+    importance: str = field(
+        default="lora",
+        metadata={"help": "Importance criterion: lora, taylor, taylor2, vector, magnitude, random, or a registered one."},
+    )
+    structures: tuple[str, ...] = field(
+        default=("heads", "channels"), metadata={"help": "Groups that may be removed: heads and/or channels."}
+    )
+    head_granularity: str = field(
+        default="kv_group",
+        metadata={"help": "kv_group: remove a KV head with its query heads; query_head: remove query heads inside KV groups."},
+    )
+    head_sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Separate target: fraction of the query heads of each prunable layer."}
+    )
+    channel_sparsity: Optional[float] = field(
+        default=None, metadata={"help": "Separate target: fraction of the MLP channels of each prunable layer."}
+    )
+    ranking: str = field(
+        default="local",
+        metadata={"help": "local: same fraction in every prunable layer; global: rank across layers by score per parameter."},
+    )
+    schedule: str = field(default="cubic", metadata={"help": "Sparsity ramp: cubic, linear or one_shot."})
+    pruning_steps: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps of the pruning stage (None: pruning_fraction of the run)."}
+    )
+    pruning_fraction: float = field(
+        default=0.5, metadata={"help": "Fraction of the run's optimizer steps used for pruning when pruning_steps is None."}
+    )
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of the pruning stage before the first mask update."})
+    cooldown_ratio: float = field(default=0.1, metadata={"help": "Fraction of the pruning stage after the last mask update."})
+    prune_every: int = field(default=10, metadata={"help": "Optimizer steps between two mask updates."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA weight of the old score (LoRAPrune: 0.9)."})
+    normalize: str = field(default="module", metadata={"help": "Per-module L2 normalisation of scores: module or none."})
+    protected_layers: Optional[tuple[int, ...]] = field(
+        default=None, metadata={"help": "Layer indices never pruned (None: first 10% of layers and the last)."}
+    )
+    min_heads: int = field(default=1, metadata={"help": "Minimum query heads kept in every layer."})
+    min_channels: int = field(default=1, metadata={"help": "Minimum MLP channels kept in every layer."})
+    round_heads_to: int = field(default=1, metadata={"help": "Kept query heads per layer rounded to this multiple."})
+    round_channels_to: int = field(default=1, metadata={"help": "Kept MLP channels per layer rounded to this multiple."})
+    uniform: bool = field(default=False, metadata={"help": "Same widths in every prunable layer."})
+    physical_removal: str = field(
+        default="after_pruning", metadata={"help": "When weights are sliced: after_pruning or at_end."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the random criterion and tie-breaks."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.structures, str):
+            self.structures = (self.structures,)
+        self.structures = tuple(self.structures)
+        if self.protected_layers is not None:
+            self.protected_layers = tuple(int(i) for i in self.protected_layers)
+        _fraction("target_sparsity", self.target_sparsity)
+        _fraction("head_sparsity", self.head_sparsity)
+        _fraction("channel_sparsity", self.channel_sparsity)
+        _fraction("pruning_fraction", self.pruning_fraction, upper_open=False)
+        _fraction("warmup_ratio", self.warmup_ratio)
+        _fraction("cooldown_ratio", self.cooldown_ratio)
+        _fraction("ema_decay", self.ema_decay)
+        if self.warmup_ratio + self.cooldown_ratio >= 1:
+            raise ValueError(
+                f"warmup_ratio={self.warmup_ratio} + cooldown_ratio={self.cooldown_ratio}: must sum to less than 1"
+            )
+        if not self.structures or any(s not in STRUCTURES for s in self.structures):
+            raise ValueError(f"structures={self.structures!r}: must be a non-empty subset of {STRUCTURES}")
+        _choice("head_granularity", self.head_granularity, HEAD_GRANULARITIES)
+        _choice("ranking", self.ranking, RANKINGS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("normalize", self.normalize, NORMALIZATIONS)
+        _choice("physical_removal", self.physical_removal, PHYSICAL_REMOVAL)
+        for name in ("prune_every", "min_heads", "min_channels", "round_heads_to", "round_channels_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if self.pruning_steps is not None and (not isinstance(self.pruning_steps, int) or self.pruning_steps < 1):
+            raise ValueError(f"pruning_steps={self.pruning_steps!r}: must be an integer >= 1 or None")
+        if self.head_sparsity is not None and "heads" not in self.structures:
+            raise ValueError(f"head_sparsity={self.head_sparsity} but structures={self.structures} has no 'heads'")
+        if self.channel_sparsity is not None and "channels" not in self.structures:
+            raise ValueError(f"channel_sparsity={self.channel_sparsity} but structures={self.structures} has no 'channels'")
+        if self.uniform and self.ranking == "global":
+            raise ValueError("uniform=True with ranking='global': uniform widths need ranking='local'")
+        if not isinstance(self.importance, str) or not self.importance:
+            raise ValueError(f"importance={self.importance!r}: must be the name of a registered criterion")
+        # The name itself is checked against the registry by the callback / prune_model,
+        # so that criteria registered after this config was built are accepted.
+
+    @property
+    def separate_targets(self) -> bool:
+        return self.head_sparsity is not None or self.channel_sparsity is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,36 @@
+"""Importance criteria: one module each, a registry by name, and the EMA accumulator.
+
+    from hfprune.importance import register_importance, ImportanceCriterion
+
+    @register_importance("my_criterion")
+    class MyCriterion(ImportanceCriterion):
+        def element_importance(self, module, rows):
+            ...  # [rows, in] float32 tensor, higher = more important
+"""
+
+from . import lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
+from .accumulator import ScoreAccumulator
+from .base import (
+    ROLES,
+    GroupScores,
+    ImportanceCriterion,
+    ModuleScores,
+    available_importances,
+    get_importance,
+    group_scores,
+    normalize_module_scores,
+    register_importance,
+)
+
+__all__ = [
+    "ROLES",
+    "GroupScores",
+    "ImportanceCriterion",
+    "ModuleScores",
+    "ScoreAccumulator",
+    "available_importances",
+    "get_importance",
+    "group_scores",
+    "normalize_module_scores",
+    "register_importance",
+]

@@ -1,0 +1,71 @@
+"""Exponential moving average of per-module scores across optimizer steps."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import GroupScores, ModuleScores, group_scores, normalize_module_scores
+
+
+class ScoreAccumulator:
+    """EMA of each layer's per-module unit scores: `decay·old + (1 − decay)·new`.
+
+    The first step initialises the average (no bias toward zero). A step whose
+    scores contain a NaN or Inf anywhere is skipped entirely, so one overflowing
+    step cannot poison the average (LoRAPrune skips such steps the same way).
+    """
+
+    def __init__(self, decay: float = 0.9, normalize: bool = True, signed: bool = False):
+        self.decay = decay
+        self.normalize = normalize
+        self.signed = signed
+        self.scores: dict[int, ModuleScores] = {}
+        self.num_updates = 0
+        self.num_skipped = 0
+
+    def update(self, step_scores: dict[int, ModuleScores]) -> bool:
+        """Fold one step's scores in; returns False if the step was skipped as non-finite."""
+        if not step_scores:
+            return False
+        if not all(torch.isfinite(s).all() for scores in step_scores.values() for s in scores.values()):
+            self.num_skipped += 1
+            return False
+        for index, scores in step_scores.items():
+            scores = {role: s.detach().float().cpu() for role, s in scores.items()}
+            if self.normalize:
+                scores = normalize_module_scores(scores)
+            old = self.scores.get(index)
+            if old is None or any(old[r].shape != s.shape for r, s in scores.items()):
+                self.scores[index] = scores
+            else:
+                self.scores[index] = {r: self.decay * old[r] + (1 - self.decay) * s for r, s in scores.items()}
+        self.num_updates += 1
+        return True
+
+    def group_scores(self, index: int, n_rep: int) -> Optional[GroupScores]:
+        if index not in self.scores:
+            return None
+        groups = group_scores(self.scores[index], n_rep)
+        if self.signed:
+            groups = GroupScores(groups.heads.abs(), groups.kv_groups.abs(), groups.channels.abs())
+        return groups
+
+    def reset(self) -> None:
+        self.scores.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"scores.{i}.{role}": s for i, scores in self.scores.items() for role, s in scores.items()}
+        out["scores.num_updates"] = torch.tensor(self.num_updates)
+        out["scores.num_skipped"] = torch.tensor(self.num_skipped)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scores = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if key.startswith("scores.") and len(parts) == 3 and parts[1].isdigit():
+                self.scores.setdefault(int(parts[1]), {})[parts[2]] = value.float().clone()
+        self.num_updates = int(state.get("scores.num_updates", torch.tensor(0)))
+        self.num_skipped = int(state.get("scores.num_skipped", torch.tensor(0)))

@@ -1,0 +1,139 @@
+"""The importance-criterion interface, the registry, and the folding of per-module
+scores into group scores.
+
+A criterion scores one decoder layer at a time and returns `ModuleScores`: for
+each projection, one number per *unit* that the projection contributes to:
+
+    q_proj, o_proj          per query head     [num_heads]
+    k_proj, v_proj          per KV head        [num_kv_heads]
+    gate_proj, up_proj,
+    down_proj               per MLP channel    [intermediate_size]
+
+Most criteria only define `element_importance(weight, grad)`, an element-wise
+importance of one weight matrix; the base class reduces it over each unit's
+rows (q/k/v/gate/up) or columns (o/down). `group_scores` then sums the modules
+into the scores of the removable groups (query head, KV group, MLP channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..structure import LayerStructure, base_layer
+
+# (role, reduced dimension of the weight, unit) — output rows for the producers,
+# input columns for the consumers.
+ROLES: tuple[tuple[str, int, str], ...] = (
+    ("q_proj", 0, "head"),
+    ("k_proj", 0, "kv"),
+    ("v_proj", 0, "kv"),
+    ("o_proj", 1, "head"),
+    ("gate_proj", 0, "channel"),
+    ("up_proj", 0, "channel"),
+    ("down_proj", 1, "channel"),
+)
+
+ModuleScores = dict[str, torch.Tensor]
+
+
+# Element-wise importance is computed in blocks of this many output rows, so the
+# transient memory stays small even for a 65B model's 8192 x 28672 projections.
+ROW_BLOCK = 1024
+
+
+def reduce_to_units(per_index: torch.Tensor, unit: str, layer: LayerStructure) -> torch.Tensor:
+    """Sum per-row (or per-column) importance over the rows (columns) of each unit."""
+    if unit == "channel":
+        return per_index
+    return per_index.view(-1, layer.head_dim).sum(dim=1)
+
+
+@dataclass
+class GroupScores:
+    """Scores of the removable groups of one layer (higher = more important)."""
+
+    heads: torch.Tensor  # [num_heads]: a query head, q rows + o columns
+    kv_groups: torch.Tensor  # [num_kv_heads]: k + v rows and all of the group's query heads
+    channels: torch.Tensor  # [intermediate_size]
+
+
+def normalize_module_scores(scores: ModuleScores) -> ModuleScores:
+    """LoRAPrune's per-module L2 normalisation, so no projection dominates by scale."""
+    return {role: s / (torch.linalg.vector_norm(s) + 1e-8) for role, s in scores.items()}
+
+
+def group_scores(scores: ModuleScores, n_rep: int) -> GroupScores:
+    heads = scores["q_proj"] + scores["o_proj"]
+    kv_groups = scores["k_proj"] + scores["v_proj"] + heads.view(-1, n_rep).sum(dim=1)
+    channels = scores["gate_proj"] + scores["up_proj"] + scores["down_proj"]
+    return GroupScores(heads=heads, kv_groups=kv_groups, channels=channels)
+
+
+class ImportanceCriterion:
+    """Base class: subclass, set `name`, implement `element_importance` (or `score_layer`).
+
+    `needs` tells the caller what must exist when `score_layer` runs:
+    "nothing", "lora_gradients" (LoRA A/B grads) or "weight_gradients" (base weight grads).
+    """
+
+    name: str = ""
+    needs: str = "nothing"
+
+    def prepare(self, model: nn.Module, layers: list[LayerStructure]) -> None:
+        """Called once before scoring (e.g. to unfreeze weights or register hooks)."""
+
+    def element_importance(self, module: nn.Module, rows: slice) -> Optional[torch.Tensor]:
+        """Element-wise importance of `module`'s weight rows `rows` ([len(rows), in], float32),
+        or None when there is nothing to score (e.g. no gradient this step)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_layer(self, layer: LayerStructure) -> Optional[ModuleScores]:
+        """Per-unit scores of each projection of `layer`, or None if this step has nothing to score."""
+        scores: ModuleScores = {}
+        for role, dim, unit in ROLES:
+            module = layer.projection(role)
+            out_features = base_layer(module).out_features
+            per_index = None
+            for start in range(0, out_features, ROW_BLOCK):
+                rows = slice(start, min(start + ROW_BLOCK, out_features))
+                importance = self.element_importance(module, rows)
+                if importance is None:
+                    return None
+                if dim == 0:
+                    block = importance.sum(dim=1)
+                    per_index = block if per_index is None else torch.cat([per_index, block])
+                else:
+                    block = importance.sum(dim=0)
+                    per_index = block if per_index is None else per_index + block
+            scores[role] = reduce_to_units(per_index, unit, layer)
+        return scores
+
+
+_REGISTRY: dict[str, Callable[[], ImportanceCriterion]] = {}
+
+
+def register_importance(name: str, factory: Optional[Callable[[], ImportanceCriterion]] = None, overwrite: bool = False):
+    """Register a criterion class (or factory) under `name`; usable as a decorator."""
+
+    def register(factory_: Callable[[], ImportanceCriterion]):
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"importance criterion {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = factory_
+        return factory_
+
+    return register(factory) if factory is not None else register
+
+
+def available_importances() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def get_importance(name: str, **kwargs) -> ImportanceCriterion:
+    if name not in _REGISTRY:
+        raise ValueError(f"importance={name!r}: unknown criterion; available: {', '.join(available_importances())}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,95 @@
+"""`prune_model`: score, decide and remove in one call, for users who do not train."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .allocation import allocate, check_feasible, discover_for_config
+from .config import PruningConfig
+from .importance import ImportanceCriterion, ScoreAccumulator, get_importance
+from .structure import ModelStructure
+from .surgery import remove_pruned_groups
+
+
+def make_criterion(config: PruningConfig) -> ImportanceCriterion:
+    criterion = get_importance(config.importance)
+    if hasattr(criterion, "seed"):
+        criterion.seed = config.seed
+    return criterion
+
+
+def score_model(structure: ModelStructure, criterion: ImportanceCriterion, accumulator: ScoreAccumulator) -> bool:
+    """Score every prunable layer once and fold the result into `accumulator`."""
+    step_scores = {}
+    for layer in structure.prunable_layers:
+        scores = criterion.score_layer(layer)
+        if scores is None:
+            return False
+        step_scores[layer.index] = scores
+    return accumulator.update(step_scores)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def prune_model(
+    model: nn.Module,
+    config: PruningConfig,
+    calibration_data: Optional[Iterable[dict]] = None,
+) -> nn.Module:
+    """Prune `model` to `config.target_sparsity` in one shot and return it, physically smaller.
+
+    `calibration_data`: batches (dicts with `input_ids`, optionally `attention_mask`
+    and `labels`) for criteria that need gradients ("lora", "taylor", "taylor2",
+    "vector"); each batch is one backward pass and the scores are averaged.
+    """
+    structure = discover_for_config(model, config)
+    check_feasible(structure, config)
+    criterion = make_criterion(config)
+    accumulator = ScoreAccumulator(decay=0.0, normalize=config.normalize == "module",
+                                   signed=getattr(criterion, "signed", False))
+    if criterion.needs == "nothing":
+        score_model(structure, criterion, accumulator)
+    else:
+        if calibration_data is None:
+            raise ValueError(
+                f"importance={config.importance!r} needs gradients: pass calibration_data (batches of input_ids), "
+                "or use importance='magnitude' or 'random'"
+            )
+        _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
+    masks = allocate(structure, lambda layer: accumulator.group_scores(layer.index, layer.n_rep), config, 1.0)
+    remove_pruned_groups(structure, masks)
+    return model
+
+
+def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    criterion.prepare(model, structure.prunable_layers)
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    device = _model_device(model)
+    batches = 0
+    try:
+        model.zero_grad(set_to_none=True)
+        for batch in calibration_data:
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            batch.setdefault("labels", batch["input_ids"])
+            loss = model(**batch).loss
+            loss.backward()
+            batches += 1
+        if batches == 0:
+            raise ValueError("calibration_data is empty: pass at least one batch")
+        # Gradients are summed over batches; the mean keeps scores comparable across sizes.
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(batches)
+        score_model(structure, criterion, accumulator)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)

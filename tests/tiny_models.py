@@ -1,0 +1,53 @@
+"""Tiny random models of every supported architecture, built in memory."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+# name -> config kwargs. GQA with n_rep > 1 everywhere but llama_mha (n_rep == 1).
+ARCHITECTURES = {
+    "llama": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "llama_mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+    "mistral": dict(model_type="mistral", num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=64),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=6, num_key_value_heads=2, head_dim=8),
+    "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=16, sliding_window=64),
+    "gemma3_text": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        query_pre_attn_scalar=16, sliding_window=64),
+}
+
+
+def tiny_config(name: str, **overrides):
+    kwargs = {**COMMON, **ARCHITECTURES[name], **overrides}
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(name: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(name, **overrides)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init has tiny weights; scale up so every group matters and differences show.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.2)
+    return model.eval()
+
+
+def batch(vocab_size: int = 128, batch_size: int = 2, seq_len: int = 12, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
