@@ -51,3 +51,34 @@ def tiny_model(name: str = "llama", seed: int = 0, dtype=torch.float32, **overri
 def batch(vocab_size: int = 128, batch_size: int = 2, seq_len: int = 12, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII + specials) whose ids fit the tiny vocab of 128."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def alpaca_records(n: int = 32, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird"]
+    records = []
+    for i in range(n):
+        a, b = rng.sample(words, 2)
+        records.append({"instruction": f"Join {a} and {b}.", "input": "" if i % 2 else "now", "output": f"{a} {b}"})
+    return records
+
+
+def save_tiny(name: str, path, **overrides):
+    model = tiny_model(name, **overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model

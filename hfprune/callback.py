@@ -1,0 +1,307 @@
+"""`PruningCallback`: the pruning engine inside any `transformers.Trainer`.
+
+One optimizer step, as the stock training loop runs it:
+
+    forward/backward (xN accumulation)  ->  clip  ->  on_pre_optimizer_step
+        score every prunable layer from the gradients the optimizer is about to
+        use, fold into the EMA                                (importance/)
+    optimizer.step()  ->  on_step_end
+        on a schedule step: progress -> allocate -> new masks (schedule, allocation, masking)
+        at the end of the pruning stage: slice the weights, transplant the
+        optimizer state, carry on training the smaller model   (surgery)
+
+Everything it owns (EMA scores, masks, the schedule position, whether and how
+the weights were sliced) is written beside every Trainer checkpoint as
+`pruning_state.safetensors` and read back on `resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .allocation import (
+    SparsityReport,
+    allocate,
+    check_feasible,
+    count_parameters,
+    discover_for_config,
+    removed_params,
+)
+from .config import PruningConfig
+from .importance import ScoreAccumulator
+from .masking import MaskHooks, PruningMasks
+from .prune import make_criterion, score_model
+from .schedule import PruningSchedule
+from .structure import ModelStructure
+from .surgery import remove_pruned_groups, slice_optimizer_state
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "pruning_state.safetensors"
+
+
+def _write_safetensors_atomic(tensors: dict, path: str, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+class PruningCallback(TrainerCallback):
+    """Progressive structured pruning driven by the stock Trainer loop.
+
+    Usable with any Trainer (trl's `SFTTrainer` included):
+    `SFTTrainer(..., callbacks=[PruningCallback(PruningConfig(...))])`.
+    The model must already carry LoRA adapters for `importance="lora"`.
+    """
+
+    def __init__(self, config: PruningConfig):
+        self.config = config
+        self.criterion = make_criterion(config)  # unknown names fail here, before training
+        self.accumulator = ScoreAccumulator(
+            decay=config.ema_decay, normalize=config.normalize == "module", signed=getattr(self.criterion, "signed", False)
+        )
+        self.structure: Optional[ModelStructure] = None
+        self.masks: Optional[PruningMasks] = None
+        self.removal_masks: Optional[PruningMasks] = None  # masks applied physically, in original index space
+        self.schedule: Optional[PruningSchedule] = None
+        self.hooks: Optional[MaskHooks] = None
+        self.history: list[dict] = []
+        self.pending_logs: dict[str, float] = {}
+        self.resume_dir: Optional[str] = None  # set by PruningTrainer when resuming from an explicit path
+        self.allow_physical_removal = True
+        self._original_prunable = 0
+        self._original_total = 0
+        self._model = None
+
+    # ---- state ------------------------------------------------------------------------------------------------
+
+    @property
+    def physically_pruned(self) -> bool:
+        return self.removal_masks is not None
+
+    def sparsity(self) -> SparsityReport:
+        """Removed fraction of the original prunable parameters (soft and physical removal together)."""
+        removed = self._original_total - count_parameters(self._model)
+        if self.masks is not None and self.structure is not None:
+            removed += removed_params(self.structure, self.masks)
+        return SparsityReport(self._original_prunable, removed, self._original_total)
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = dict(self.accumulator.state_dict())
+        if self.masks is not None:
+            tensors.update(self.masks.state_dict())
+        if self.removal_masks is not None:
+            tensors.update({f"removal.{k}": v for k, v in self.removal_masks.state_dict().items()})
+        metadata = {
+            "config": json.dumps(self.config.to_dict()),
+            "physically_pruned": json.dumps(self.physically_pruned),
+            "history": json.dumps(self.history),
+            "original_prunable": str(self._original_prunable),
+            "original_total": str(self._original_total),
+        }
+        return tensors, metadata
+
+    def save_state(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        tensors, metadata = self.state_dict()
+        path = os.path.join(directory, STATE_FILE)
+        _write_safetensors_atomic(tensors, path, metadata)
+        return path
+
+    @staticmethod
+    def read_state(directory: str) -> Optional[tuple[dict, dict]]:
+        from safetensors import safe_open
+
+        path = os.path.join(directory, STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        with safe_open(path, framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+    @staticmethod
+    def removal_masks_in(directory: str) -> Optional[PruningMasks]:
+        """The physical-removal masks recorded in a checkpoint, if its weights were sliced."""
+        state = PruningCallback.read_state(directory)
+        if state is None or not json.loads(state[1].get("physically_pruned", "false")):
+            return None
+        return PruningMasks.from_state_dict({k[len("removal."):]: v for k, v in state[0].items() if k.startswith("removal.")})
+
+    def _restore(self, directory: str) -> None:
+        state = self.read_state(directory)
+        if state is None:
+            logger.warning("resuming from %s, which has no %s: pruning starts afresh", directory, STATE_FILE)
+            return
+        tensors, metadata = state
+        self.accumulator.load_state_dict(tensors)
+        self.masks = PruningMasks.from_state_dict({k: v for k, v in tensors.items() if k.startswith("masks.")})
+        if json.loads(metadata.get("physically_pruned", "false")):
+            self.removal_masks = PruningMasks.from_state_dict(
+                {k[len("removal."):]: v for k, v in tensors.items() if k.startswith("removal.")}
+            )
+        self.history = json.loads(metadata.get("history", "[]"))
+        self._original_prunable = int(metadata.get("original_prunable", self._original_prunable))
+        self._original_total = int(metadata.get("original_total", self._original_total))
+
+    # ---- Trainer events ---------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+        self.structure = discover_for_config(model, self.config)
+        self._original_prunable = self.structure.prunable_params()
+        self._original_total = count_parameters(model)
+        check_feasible(self.structure, self.config)
+        steps = self.config.pruning_steps or max(1, round(self.config.pruning_fraction * state.max_steps))
+        if steps > state.max_steps:
+            raise ValueError(
+                f"pruning_steps={steps} exceeds the run's max_steps={state.max_steps}: lower pruning_steps or train longer"
+            )
+        self.schedule = PruningSchedule(
+            total_steps=steps,
+            schedule=self.config.schedule,
+            warmup_ratio=self.config.warmup_ratio,
+            cooldown_ratio=self.config.cooldown_ratio,
+            prune_every=self.config.prune_every,
+        )
+        if args.world_size > 1 and self.config.physical_removal == "after_pruning":
+            # DDP's gradient buckets are sized at wrap time: keep masks until training ends.
+            self.allow_physical_removal = False
+            logger.warning("distributed training: weights are sliced at the end of training, masks are used until then")
+        if state.global_step > 0:
+            directory = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self._restore(directory)
+            self._original_total = self._original_total or count_parameters(model)
+        if self.physically_pruned:
+            # The trainer already sliced the model to the checkpoint's shapes before loading it.
+            self.structure = discover_for_config(model, self.config)
+        if self.masks is None or set(self.masks.layers) != {l.index for l in self.structure}:
+            self.masks = PruningMasks.full(self.structure)
+        self.criterion.prepare(model, self.structure.prunable_layers)
+        self.hooks = MaskHooks(self.structure, self.masks)
+        self._log_event("pruning_started" if state.global_step == 0 else "pruning_resumed", state)
+
+    def _scoring(self, step: int) -> bool:
+        return not self.physically_pruned and step < self.schedule.last_step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # global_step counts completed steps; this is step global_step + 1.
+        if self.structure is None or not self._scoring(state.global_step):
+            return
+        step_scores = {}
+        for layer in self.structure.prunable_layers:
+            scores = self.criterion.score_layer(layer)
+            if scores is None:
+                return
+            step_scores[layer.index] = scores
+        if not self.accumulator.update(step_scores):
+            logger.warning("step %d: non-finite importance scores, step skipped", state.global_step + 1)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.structure is None or self.physically_pruned:
+            return
+        step = state.global_step
+        if step <= self.schedule.total_steps and self.schedule.is_update_step(step):
+            self._update_masks(step)
+            control.should_log = True
+        if step == self.schedule.total_steps:
+            if self.config.physical_removal == "after_pruning" and self.allow_physical_removal:
+                self._remove_physically(optimizer, state)
+            control.should_log = True
+        if self.pending_logs:
+            control.should_log = True
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.structure is not None and not self.physically_pruned and self.masks is not None:
+            if state.global_step >= self.schedule.last_step and not self.masks.is_full():
+                self._remove_physically(optimizer, state)
+        if self.hooks is not None:
+            self.hooks.remove()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.structure is None or not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(directory):
+            self.save_state(directory)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # With a plain Trainer the metrics reach the progress bar and log_history here;
+        # PruningTrainer merges them before every reporter sees the logs.
+        if logs is not None and self.pending_logs:
+            logs.update(self.pending_logs)
+            if state.log_history:
+                state.log_history[-1].update(self.pending_logs)
+            self.pending_logs = {}
+
+    # ---- actions ----------------------------------------------------------------------------------------------
+
+    def _synchronise(self, masks: PruningMasks) -> PruningMasks:
+        """Every rank takes rank 0's masks (they should already agree: gradients are all-reduced)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return masks
+        flat = torch.cat([torch.cat([m.heads, m.channels]).to(torch.uint8) for _, m in sorted(masks.layers.items())])
+        if torch.distributed.get_backend() == "nccl":
+            flat = flat.cuda()
+        torch.distributed.broadcast(flat, src=0)
+        flat = flat.cpu().bool()
+        offset = 0
+        for _, mask in sorted(masks.layers.items()):
+            n_heads, n_channels = mask.heads.numel(), mask.channels.numel()
+            mask.heads = flat[offset : offset + n_heads].clone()
+            mask.channels = flat[offset + n_heads : offset + n_heads + n_channels].clone()
+            offset += n_heads + n_channels
+        return masks
+
+    def _update_masks(self, step: int) -> None:
+        progress = self.schedule.progress(step)
+        scores = lambda layer: self.accumulator.group_scores(layer.index, layer.n_rep)  # noqa: E731
+        masks = allocate(self.structure, scores, self.config, progress, previous=self.masks)
+        self.masks = self._synchronise(masks)
+        self.hooks.update(self.masks)
+        report = self.sparsity()
+        self.pending_logs.update(
+            {
+                "pruning/sparsity": round(report.sparsity, 6),
+                "pruning/total_sparsity": round(report.total_sparsity, 6),
+                "pruning/remaining_params": report.total_params - report.removed_params,
+                "pruning/progress": round(progress, 6),
+            }
+        )
+        self.history.append({"step": step, "event": "masks_updated", **report.as_dict()})
+
+    def _remove_physically(self, optimizer, state) -> None:
+        self.hooks.remove()
+        records = remove_pruned_groups(self.structure, self.masks)
+        sliced = slice_optimizer_state(optimizer, records) if optimizer is not None else 0
+        self.removal_masks = self.masks
+        self.structure = discover_for_config(self._model, self.config)
+        self.masks = PruningMasks.full(self.structure)
+        self.hooks = MaskHooks(self.structure, self.masks)
+        report = self.sparsity()
+        logger.info(
+            "step %d: weights sliced (%d parameters left, %d optimizer state tensors transplanted); recovery follows",
+            state.global_step, report.total_params - report.removed_params, sliced,
+        )
+        self._log_event("physical_removal", state, optimizer_state_tensors=sliced)
+
+    def _log_event(self, event: str, state, **extra) -> None:
+        report = self.sparsity() if self._model is not None else None
+        entry = {"step": state.global_step, "event": event, **extra}
+        if report is not None:
+            entry.update(report.as_dict())
+            self.pending_logs.update(
+                {
+                    "pruning/sparsity": round(report.sparsity, 6),
+                    "pruning/remaining_params": report.total_params - report.removed_params,
+                }
+            )
+        self.pending_logs[f"pruning/stage_{event}"] = state.global_step
+        self.history.append(entry)
+        logger.info("hfprune: %s at step %d", event, state.global_step)

@@ -1,0 +1,149 @@
+"""Instruction data for recovery and calibration.
+
+Three record formats are recognised by their fields:
+
+    alpaca    {"instruction", "input", "output"}   Alpaca template (as LLM-Pruner's recovery)
+    chat      {"messages": [{"role", "content"}, ...]}   the tokenizer's chat template
+    text      {"text"}                              plain language-model text
+
+Prompt tokens are masked from the loss (label -100) by default, so recovery
+trains on the responses only; `train_on_prompt=True` trains on everything.
+Already tokenised data sets (an `input_ids` column) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Optional
+
+import torch
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+FORMATS = {
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+    "tokenized": ("input_ids",),
+}
+
+
+def detect_format(columns: Iterable[str]) -> str:
+    columns = set(columns)
+    for name, required in FORMATS.items():
+        if set(required) <= columns:
+            return name
+    raise ValueError(
+        f"data set columns {sorted(columns)} match no known format; expected one of: "
+        + "; ".join(f"{name}: {list(fields)}" for name, fields in FORMATS.items())
+    )
+
+
+def alpaca_prompt(record: dict) -> str:
+    if record.get("input"):
+        return ALPACA_PROMPT.format(instruction=record["instruction"], input=record["input"])
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def tokenize_record(record: dict, tokenizer, fmt: str, max_length: int, train_on_prompt: bool = False) -> dict:
+    """input_ids / attention_mask / labels for one record, prompt tokens masked with -100."""
+    if fmt == "text":
+        ids = _encode(tokenizer, record["text"], True)[:max_length]
+        if tokenizer.eos_token_id is not None and len(ids) < max_length:
+            ids.append(tokenizer.eos_token_id)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+    if fmt == "alpaca":
+        prompt = alpaca_prompt(record)
+        full = prompt + record["output"]
+        prompt_ids = _encode(tokenizer, prompt, True)
+        ids = _encode(tokenizer, full, True)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    elif fmt == "chat":
+        messages = record["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("chat records must end with an assistant message (the response to train on)")
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = _encode(tokenizer, prompt, False)
+        ids = _encode(tokenizer, full, False)
+    else:
+        raise ValueError(f"format={fmt!r}: must be one of alpaca, chat, text")
+    ids = ids[:max_length]
+    labels = list(ids)
+    if not train_on_prompt:
+        masked = min(len(prompt_ids), len(ids))
+        labels[:masked] = [-100] * masked
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def prepare_dataset(dataset, tokenizer, max_length: int = 512, train_on_prompt: bool = False, num_proc=None):
+    """Tokenise a `datasets.Dataset` of alpaca / chat / text records (tokenised ones pass through)."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length}: must be at least 2 tokens")
+    fmt = detect_format(dataset.column_names)
+    if fmt == "tokenized":
+        return dataset
+    if tokenizer is None:
+        raise ValueError(f"a processing_class (tokenizer) is needed to tokenise {fmt!r} records")
+    tokenized = dataset.map(
+        lambda record: tokenize_record(record, tokenizer, fmt, max_length, train_on_prompt),
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing {fmt} records",
+    )
+    return tokenized.filter(lambda r: any(label != -100 for label in r["labels"][1:]), desc="Dropping empty targets")
+
+
+def load_records(source: str, split: str = "train"):
+    """A `datasets.Dataset` from a local .json/.jsonl/.txt file or a hub data set id."""
+    import datasets
+
+    if os.path.exists(source):
+        if source.endswith((".json", ".jsonl")):
+            return datasets.load_dataset("json", data_files=source, split="train")
+        if source.endswith(".txt"):
+            with open(source, encoding="utf-8") as handle:
+                lines = [line.strip() for line in handle if line.strip()]
+            return datasets.Dataset.from_dict({"text": lines})
+        raise ValueError(f"data file {source!r}: expected a .json, .jsonl or .txt file")
+    return datasets.load_dataset(source, split=split)
+
+
+def calibration_batches(
+    tokenizer, texts: list[str], num_samples: int = 16, seq_len: int = 128, batch_size: int = 4, seed: int = 0
+) -> list[dict]:
+    """Random windows of `seq_len` tokens from `texts` (LLM-Pruner's calibration), as batches."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    if ids.numel() <= seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens: need more than seq_len={seq_len}")
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, num_samples, batch_size)]
+
+
+def read_texts(path: str, field: str = "text", limit: Optional[int] = None) -> list[str]:
+    """Documents from a .txt (one per line) or .jsonl/.json file."""
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith(".jsonl"):
+            texts = [json.loads(line)[field] for line in handle if line.strip()]
+        elif path.endswith(".json"):
+            texts = [record[field] for record in json.load(handle)]
+        else:
+            texts = [line.strip() for line in handle if line.strip()]
+    return texts[:limit] if limit else texts

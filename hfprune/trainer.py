@@ -1,0 +1,233 @@
+"""`PruningTrainer`: a `transformers.Trainer` that prunes while it trains.
+
+It feels like trl's `SFTTrainer`: give it a model or a hub id, a `peft_config`,
+an instruction data set and a `PruningConfig`; `train()` then runs
+
+    pruning stage (masks, scored every step)  ->  physical removal (optimizer
+    state transplanted)  ->  recovery fine-tuning of the smaller model
+
+entirely through the stock training loop, driven by a `PruningCallback`.
+`save_model()` writes the physically pruned, LoRA-merged, full-precision
+checkpoint; `push_to_hub()` uploads it with a model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+
+from .callback import PruningCallback
+from .config import PruningConfig
+from .data import prepare_dataset
+from .structure import unwrap_model
+from .surgery import remove_pruned_groups
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def default_lora_config():
+    """LoRAPrune's setting: rank 8 on every projection the criterion reads."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=DEFAULT_LORA_TARGETS, task_type="CAUSAL_LM")
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def load_model(
+    model_id: str,
+    load_in_8bit: bool,
+    quantization_config=None,
+    model_init_kwargs: Optional[dict] = None,
+) -> PreTrainedModel:
+    """`from_pretrained` with the 8-bit base when asked; offline, the SmolLM2 stand-in is served."""
+    from .offline import resolve_model
+
+    kwargs = dict(model_init_kwargs or {})
+    if quantization_config is None and load_in_8bit:
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else "cpu")
+    kwargs.setdefault("dtype", "auto")
+    return AutoModelForCausalLM.from_pretrained(resolve_model(model_id), **kwargs)
+
+
+class PruningTrainer(Trainer):
+    """Trainer for LoRA-guided structured pruning (see the module docstring).
+
+    Args:
+        model: a `PreTrainedModel` (optionally already a `PeftModel`), or a hub id / local path.
+        args: `TrainingArguments`.
+        pruning_config: `PruningConfig`; defaults to `PruningConfig()` (20%, "lora", cubic).
+        peft_config: `peft.LoraConfig` applied when the model is not a `PeftModel` yet. With the
+            "lora" criterion and no config, LoRAPrune's rank-8 LoRA on all projections is used.
+        quantization_config / load_in_8bit: how a hub id is loaded. The 8-bit base is the default
+            for `importance="lora"`; full-gradient criteria need a full-precision base.
+        train_dataset / eval_dataset: alpaca, chat, plain-text or tokenised records (see `hfprune.data`).
+        processing_class: the tokenizer (loaded from the model id when omitted).
+        max_length: truncation length when tokenising; train_on_prompt: also train on prompt tokens.
+    """
+
+    _tag_names = ["hfprune", "pruned", "structured-pruning"]
+
+    def __init__(
+        self,
+        model: Union[str, PreTrainedModel, nn.Module],
+        args: Optional[TrainingArguments] = None,
+        pruning_config: Optional[PruningConfig] = None,
+        peft_config=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        callbacks: Optional[list] = None,
+        quantization_config=None,
+        load_in_8bit: Optional[bool] = None,
+        model_init_kwargs: Optional[dict] = None,
+        max_length: int = 512,
+        train_on_prompt: bool = False,
+        **kwargs: Any,
+    ):
+        self.pruning_config = pruning_config or PruningConfig()
+        needs_full_gradients = self.pruning_config.importance in ("taylor", "taylor2", "vector")
+        if isinstance(model, str):
+            if load_in_8bit is None:
+                load_in_8bit = quantization_config is None and not needs_full_gradients
+            if load_in_8bit and needs_full_gradients:
+                raise ValueError(
+                    f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "
+                    "cannot have: pass load_in_8bit=False, or use importance='lora'"
+                )
+            model_id = model
+            model = load_model(model_id, load_in_8bit, quantization_config, model_init_kwargs)
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path or model_id)
+        if needs_full_gradients and _is_quantized(unwrap_model(model)):
+            raise ValueError(
+                f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "
+                "cannot have: load the model in bf16/fp32, or use importance='lora'"
+            )
+        args = args or TrainingArguments(output_dir="hfprune-output")
+        self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None)
+        model = self._prepare_peft_model(model, peft_config, args)
+        if processing_class is not None and getattr(processing_class, "pad_token", "x") is None:
+            processing_class.pad_token = processing_class.eos_token
+        if train_dataset is not None:
+            train_dataset = prepare_dataset(train_dataset, processing_class, max_length, train_on_prompt)
+        if eval_dataset is not None:
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, train_on_prompt)
+        if data_collator is None and processing_class is not None:
+            data_collator = DataCollatorForSeq2Seq(processing_class, padding=True, label_pad_token_id=-100)
+        self.pruning_callback = PruningCallback(self.pruning_config)
+        callbacks = list(callbacks or []) + [self.pruning_callback]
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    def _prepare_peft_model(self, model, peft_config, args):
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        if isinstance(model, PeftModel):
+            return model
+        if peft_config is None and self.pruning_config.importance == "lora":
+            peft_config = default_lora_config()
+        if peft_config is None:
+            return model
+        if _is_quantized(model):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False},
+            )
+        return get_peft_model(model, peft_config)
+
+    # ---- hooks into the stock Trainer ------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            self.pruning_callback.resume_dir = resume_from_checkpoint
+        elif resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            self.pruning_callback.resume_dir = get_last_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # A checkpoint written after the physical removal holds sliced weights: slice the
+        # fresh model the same way before the Trainer loads them into it.
+        removal = PruningCallback.removal_masks_in(resume_from_checkpoint)
+        if removal is not None and not self.pruning_callback.physically_pruned:
+            from .allocation import discover_for_config
+
+            structure = discover_for_config(self.model, self.pruning_config)
+            if all(len(removal[i].heads) == layer.num_heads for i, layer in enumerate(structure.layers)):
+                remove_pruned_groups(structure, removal)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # Pruning metrics join the Trainer's own, so every reporter (TensorBoard, W&B, the bar) sees them.
+        if self.pruning_callback.pending_logs:
+            logs = {**logs, **self.pruning_callback.pending_logs}
+            self.pruning_callback.pending_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """Checkpoints during training keep the Trainer's format (adapters, resumable); a user call
+        writes the pruned, merged, full-precision checkpoint (see `hfprune.export.save_pruned`)."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir or self.args.output_dir
+        if not self.is_world_process_zero():
+            return None
+        from .export import save_pruned
+
+        return save_pruned(
+            self.model,
+            output_dir,
+            masks=self.pruning_callback.removal_masks,
+            original_checkpoint=self.original_checkpoint,
+            tokenizer=self.processing_class,
+            report=self.pruning_report(),
+            overwrite=True,
+        )
+
+    def pruning_report(self) -> dict:
+        callback = self.pruning_callback
+        report = {
+            "base_model": self.original_checkpoint,
+            "criterion": self.pruning_config.importance,
+            "pruning_config": self.pruning_config.to_dict(),
+            "history": callback.history,
+            "optimizer_steps": self.state.global_step,
+            "pruning_steps": callback.schedule.total_steps if callback.schedule else None,
+            "train_examples": len(self.train_dataset) if self.train_dataset is not None else None,
+            "target_sparsity": self.pruning_config.target_sparsity,
+        }
+        if callback._model is not None:
+            report["reached"] = callback.sparsity().as_dict()
+        return report
