@@ -79,23 +79,40 @@ def _max_channels(layer: LayerStructure, config: PruningConfig) -> int:
 
 
 def _local_plan(layer: LayerStructure, config: PruningConfig, progress: float) -> _LayerPlan:
-    units, heads_per_unit, unit_params = _head_unit(layer, config.head_granularity)
+    """The layer's final allocation, scaled by `progress`.
+
+    Scaling the *final* head and channel counts (rather than re-splitting a growing
+    budget at every update) keeps the removal monotone and lands exactly on the
+    target: coarse KV groups would otherwise enter late and overshoot it.
+    """
+    final = _final_local_plan(layer, config)
+    if progress >= 1.0:
+        return final
+    plan = _LayerPlan(head_units=int(round(progress * final.head_units)), channels=int(round(progress * final.channels)))
+    plan.head_units = _round_head_units(layer, config, plan.head_units)
+    plan.channels = _round_channels(layer, config, plan.channels)
+    return plan
+
+
+def _final_local_plan(layer: LayerStructure, config: PruningConfig) -> _LayerPlan:
+    units, _, unit_params = _head_unit(layer, config.head_granularity)
     plan = _LayerPlan()
     heads_on = "heads" in config.structures
     channels_on = "channels" in config.structures
     if config.separate_targets:
         if heads_on and config.head_sparsity:
-            plan.head_units = int(config.head_sparsity * progress * units + 1e-9)
+            plan.head_units = int(config.head_sparsity * units + 1e-9)
         if channels_on and config.channel_sparsity:
-            plan.channels = int(config.channel_sparsity * progress * layer.intermediate_size + 1e-9)
+            plan.channels = int(config.channel_sparsity * layer.intermediate_size + 1e-9)
     else:
-        budget = config.target_sparsity * progress * (layer.attention_params + layer.mlp_params)
+        budget = config.target_sparsity * (layer.attention_params + layer.mlp_params)
         if heads_on and channels_on:
-            plan.head_units = int(config.target_sparsity * progress * units + 1e-9)
+            plan.head_units = int(config.target_sparsity * units + 1e-9)
         elif heads_on:
             plan.head_units = int(round(budget / unit_params))
+        plan.head_units = _round_head_units(layer, config, min(plan.head_units, _max_head_units(layer, config)))
         if channels_on:
-            remaining = budget - min(plan.head_units, _max_head_units(layer, config)) * unit_params
+            remaining = budget - plan.head_units * unit_params
             plan.channels = int(round(max(0.0, remaining) / layer.params_per_channel))
     plan.head_units = _round_head_units(layer, config, min(plan.head_units, _max_head_units(layer, config)))
     plan.channels = _round_channels(layer, config, min(plan.channels, _max_channels(layer, config)))
@@ -270,7 +287,7 @@ def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:
     if config.separate_targets or config.ranking == "global":
         return
     for layer in structure.prunable_layers:
-        plan = _local_plan(layer, config, 1.0)
+        plan = _final_local_plan(layer, config)
         _, _, unit_params = _head_unit(layer, config.head_granularity)
         reached = plan.head_units * unit_params + plan.channels * layer.params_per_channel
         wanted = config.target_sparsity * (layer.attention_params + layer.mlp_params)

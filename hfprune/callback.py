@@ -228,8 +228,8 @@ class PruningCallback(TrainerCallback):
         if self.structure is None or not state.is_world_process_zero:
             return
         directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(directory):
-            self.save_state(directory)
+        if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, STATE_FILE)):
+            self.save_state(directory)  # PruningTrainer already wrote it inside the checkpoint save
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # With a plain Trainer the metrics reach the progress bar and log_history here;

@@ -189,6 +189,17 @@ class PruningTrainer(Trainer):
                 remove_pruned_groups(structure, removal)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _save_checkpoint(self, model, trial):
+        # The pruning state is part of the checkpoint: write it before any on_save callback runs,
+        # so a crash after the Trainer's checkpoint never leaves one without it.
+        super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero() and self.pruning_callback.structure is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            run_dir = self._get_output_dir(trial=trial)
+            directory = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.pruning_callback.save_state(directory)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Pruning metrics join the Trainer's own, so every reporter (TensorBoard, W&B, the bar) sees them.
         if self.pruning_callback.pending_logs:
