@@ -1,35 +1,61 @@
 """hfprune: LoRA-guided structured pruning for Hugging Face models.
 
     from hfprune import PruningConfig, PruningTrainer, PruningCallback, prune_model
+
+Names are imported on first use, so `import hfprune` stays fast (the trainer
+pulls in transformers' Trainer and bitsandbytes only when asked for).
 """
 
-from .callback import PruningCallback
-from .config import PruningConfig
-from .importance import ImportanceCriterion, available_importances, get_importance, register_importance
-from .masking import LayerMask, MaskHooks, PruningMasks, apply_masks
-from .prune import prune_model
-from .structure import ArchitectureSpec, discover, register_architecture, supported_model_types
-from .surgery import remove_pruned_groups
-from .trainer import PruningTrainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ArchitectureSpec",
-    "ImportanceCriterion",
-    "LayerMask",
-    "MaskHooks",
-    "PruningCallback",
-    "PruningConfig",
-    "PruningTrainer",
-    "PruningMasks",
-    "apply_masks",
-    "available_importances",
-    "discover",
-    "get_importance",
-    "prune_model",
-    "register_architecture",
-    "register_importance",
-    "remove_pruned_groups",
-    "supported_model_types",
-]
+_EXPORTS = {
+    "PruningConfig": "config",
+    "PruningCallback": "callback",
+    "PruningTrainer": "trainer",
+    "prune_model": "prune",
+    "PruningMasks": "masking",
+    "LayerMask": "masking",
+    "MaskHooks": "masking",
+    "apply_masks": "masking",
+    "remove_pruned_groups": "surgery",
+    "ArchitectureSpec": "structure",
+    "discover": "structure",
+    "register_architecture": "structure",
+    "supported_model_types": "structure",
+    "ImportanceCriterion": "importance",
+    "available_importances": "importance",
+    "get_importance": "importance",
+    "register_importance": "importance",
+    "save_pruned": "export",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .callback import PruningCallback
+    from .config import PruningConfig
+    from .export import save_pruned
+    from .importance import ImportanceCriterion, available_importances, get_importance, register_importance
+    from .masking import LayerMask, MaskHooks, PruningMasks, apply_masks
+    from .prune import prune_model
+    from .structure import ArchitectureSpec, discover, register_architecture, supported_model_types
+    from .surgery import remove_pruned_groups
+    from .trainer import PruningTrainer
