@@ -1,0 +1,140 @@
+"""Importance criteria: each finds a group built to be unimportant, and the LoRA
+estimate tracks the true Taylor score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hfprune import PruningConfig, get_importance, register_importance
+from hfprune.allocation import allocate
+from hfprune.importance import ImportanceCriterion, ScoreAccumulator
+from hfprune.prune import _score_with_gradients, score_model
+from hfprune.structure import discover, head_rows
+
+from .tiny_models import batch, tiny_model
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEAD_LAYER, DEAD_GROUP, DEAD_CHANNELS = 2, 1, [5, 17, 40]
+
+
+def _model_with_dead_groups(lora: bool):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        attn, mlp = model.model.layers[DEAD_LAYER].self_attn, model.model.layers[DEAD_LAYER].mlp
+        kv = head_rows(torch.tensor([DEAD_GROUP]), 8)
+        q = head_rows(torch.arange(DEAD_GROUP * 4, DEAD_GROUP * 4 + 4), 8)
+        for weight, rows in ((attn.k_proj.weight, kv), (attn.v_proj.weight, kv), (attn.q_proj.weight, q)):
+            weight[rows] *= 1e-3
+        attn.o_proj.weight[:, q] *= 1e-3
+        channels = torch.tensor(DEAD_CHANNELS)
+        mlp.gate_proj.weight[channels] *= 1e-3
+        mlp.up_proj.weight[channels] *= 1e-3
+        mlp.down_proj.weight[:, channels] *= 1e-3
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+        with torch.no_grad():  # B != 0, as after some training, but small next to W
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 1e-4)
+    return model
+
+
+def _scores(model, importance, batches=None):
+    structure = discover(model, protected_layers=())
+    criterion = get_importance(importance)
+    accumulator = ScoreAccumulator(normalize=False, signed=getattr(criterion, "signed", False))
+    if batches is None:
+        score_model(structure, criterion, accumulator)
+    else:
+        _score_with_gradients(model, structure, criterion, accumulator, batches)
+    return structure, accumulator
+
+
+@pytest.mark.parametrize("importance", ["lora", "taylor", "taylor2", "vector", "magnitude"])
+def test_criterion_ranks_the_dead_group_and_channels_lowest(importance):
+    model = _model_with_dead_groups(lora=importance == "lora")
+    batches = [{"input_ids": batch(seed=s)} for s in range(3)] if importance != "magnitude" else None
+    structure, accumulator = _scores(model, importance, batches)
+    scores = accumulator.group_scores(DEAD_LAYER, structure.layers[DEAD_LAYER].n_rep)
+    assert int(scores.kv_groups.argmin()) == DEAD_GROUP
+    lowest = set(torch.argsort(scores.channels)[: len(DEAD_CHANNELS)].tolist())
+    assert lowest == set(DEAD_CHANNELS)
+    # and the allocation removes exactly them
+    config = PruningConfig(head_sparsity=0.5, channel_sparsity=3 / 96, protected_layers=())
+    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    assert masks[DEAD_LAYER].kv_groups(2).tolist() == [True, False]
+    assert set((~masks[DEAD_LAYER].channels).nonzero().squeeze(1).tolist()) == set(DEAD_CHANNELS)
+
+
+def test_random_criterion_is_seeded():
+    model = tiny_model("llama")
+    a = _scores(model, "random")[1].scores
+    b = _scores(model, "random")[1].scores
+    assert all(torch.equal(a[i][r], b[i][r]) for i in a for r in a[i])
+
+
+def test_user_registered_criterion():
+    @register_importance("unit_test_negative_magnitude", overwrite=True)
+    class NegativeMagnitude(ImportanceCriterion):
+        def element_importance(self, module, rows):
+            from hfprune.importance.weights import dense_weight
+
+            return -dense_weight(module, rows).abs()
+
+    structure, accumulator = _scores(tiny_model("llama"), "unit_test_negative_magnitude")
+    assert accumulator.group_scores(1, 4).channels.max() <= 0
+
+
+def test_non_finite_step_does_not_poison_the_average():
+    accumulator = ScoreAccumulator(decay=0.9, normalize=False)
+    good = {0: {"q_proj": torch.tensor([1.0, 2.0])}}
+    assert accumulator.update(good)
+    assert not accumulator.update({0: {"q_proj": torch.tensor([float("nan"), 1.0])}})
+    assert accumulator.num_skipped == 1
+    torch.testing.assert_close(accumulator.scores[0]["q_proj"], torch.tensor([1.0, 2.0]))
+    accumulator.update({0: {"q_proj": torch.tensor([2.0, 2.0])}})
+    torch.testing.assert_close(accumulator.scores[0]["q_proj"], torch.tensor([1.1, 2.0]))
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def _lora_vs_taylor_rho(train_steps: int) -> tuple[float, float]:
+    """Spearman's rho of LoRA-estimated vs true Taylor channel scores on the same batch,
+    after `train_steps` LoRA steps (B == 0 when 0), and of random scores vs Taylor."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", num_hidden_layers=2, intermediate_size=256),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(train_steps):
+        ids = batch(batch_size=4, seq_len=32, seed=100 + step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    structure = discover(model, protected_layers=())
+    for layer in structure:  # one backward gives both the LoRA gradients and the full weight gradients
+        for role in LORA_TARGETS:
+            layer.projection(role).base_layer.weight.requires_grad_(True)
+    ids = batch(batch_size=8, seq_len=32, seed=7)
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora, taylor, rand = (ScoreAccumulator(normalize=False) for _ in range(3))
+    score_model(structure, get_importance("lora"), lora)
+    score_model(structure, get_importance("taylor"), taylor)
+    score_model(structure, get_importance("random"), rand)
+    rho_lora = [_spearman(lora.group_scores(i, 4).channels, taylor.group_scores(i, 4).channels) for i in (0, 1)]
+    rho_rand = [_spearman(rand.group_scores(i, 4).channels, taylor.group_scores(i, 4).channels) for i in (0, 1)]
+    return sum(rho_lora) / 2, sum(rho_rand) / 2
+
+
+def test_lora_estimate_correlates_with_true_taylor_scores():
+    rho_trained, rho_random = _lora_vs_taylor_rho(train_steps=30)
+    rho_first_step, _ = _lora_vs_taylor_rho(train_steps=0)
+    print(f"Spearman rho vs taylor: lora after 30 steps {rho_trained:.3f}, lora at B=0 {rho_first_step:.3f}, "
+          f"random {rho_random:.3f}")
+    assert rho_trained > 0.5
+    assert rho_trained > rho_random + 0.4
