@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -126,7 +127,7 @@ class PruningTrainer(Trainer):
                 "cannot have: load the model in bf16/fp32, or use importance='lora'"
             )
         args = args or TrainingArguments(output_dir="hfprune-output")
-        self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None)
+        self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         model = self._prepare_peft_model(model, peft_config, args)
         if processing_class is not None and getattr(processing_class, "pad_token", "x") is None:
             processing_class.pad_token = processing_class.eos_token
@@ -137,6 +138,8 @@ class PruningTrainer(Trainer):
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForSeq2Seq(processing_class, padding=True, label_pad_token_id=-100)
         self.pruning_callback = PruningCallback(self.pruning_config)
+        # Extra fields for pruning_report.json and the model card (e.g. {"datasets": [...]}).
+        self.report_metadata: dict = {}
         callbacks = list(callbacks or []) + [self.pruning_callback]
         super().__init__(
             model=model,
@@ -207,16 +210,23 @@ class PruningTrainer(Trainer):
             self.pruning_callback.pending_logs = {}
         super().log(logs, *args, **kwargs)
 
+    def _export_dir(self) -> str:
+        # Not args.output_dir itself: replacing it atomically would delete the run's checkpoints and logs.
+        return os.path.join(self.args.output_dir, "pruned")
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
-        """Checkpoints during training keep the Trainer's format (adapters, resumable); a user call
-        writes the pruned, merged, full-precision checkpoint (see `hfprune.export.save_pruned`)."""
+        """Checkpoints during training keep the Trainer's format (adapters, resumable). A user call
+        writes the physically pruned, LoRA-merged, full-precision checkpoint (`hfprune.save_pruned`)
+        to `output_dir` (default `<args.output_dir>/pruned`). A previous hfprune export there is
+        replaced atomically; any other non-empty directory is refused, never overwritten."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir or self.args.output_dir
+        output_dir = output_dir or self._export_dir()
         if not self.is_world_process_zero():
             return None
         from .export import save_pruned
 
+        previous_export = os.path.exists(os.path.join(output_dir, "pruning_report.json"))
         return save_pruned(
             self.model,
             output_dir,
@@ -224,8 +234,75 @@ class PruningTrainer(Trainer):
             original_checkpoint=self.original_checkpoint,
             tokenizer=self.processing_class,
             report=self.pruning_report(),
-            overwrite=True,
+            overwrite=previous_export,
         )
+
+    def create_model_card(
+        self,
+        language: Optional[str] = None,
+        license: Optional[str] = None,
+        tags: Union[str, list[str], None] = None,
+        model_name: Optional[str] = None,
+        finetuned_from: Optional[str] = None,
+        tasks: Union[str, list[str], None] = None,
+        dataset_tags: Union[str, list[str], None] = None,
+        dataset: Union[str, list[str], None] = None,
+        dataset_args: Union[str, list[str], None] = None,
+        output_dir: Optional[str] = None,
+    ) -> None:
+        """README.md (+ pruned_widths.png) for the pruned checkpoint in `output_dir`, from its
+        pruning_report.json. Arguments as in `Trainer.create_model_card`; `finetuned_from` replaces
+        the base model id."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        def as_list(value):
+            return [value] if isinstance(value, str) else list(value or [])
+
+        metadata = {
+            "language": language,
+            "license": license,
+            "base_model": finetuned_from,
+            "tags": list(self._tag_names) + as_list(tags),
+            "datasets": as_list(dataset_tags) + as_list(dataset) or None,
+        }
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        write_model_card(output_dir or self._export_dir(), repo_id=repo_id, metadata=metadata)
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Save the pruned checkpoint, write its model card and push it to `args.hub_model_id`
+        (default: the output_dir's name) in one commit with `hfprune.hub.push_pruned`.
+
+        Returns the commit's `CommitInfo`, a `Future` of it when `blocking=False`, None off the
+        main process. Errors: `hfprune.hub.HubPushError`, naming the repo and the cause."""
+        from huggingface_hub import HfApi
+
+        from .hub import push_pruned
+
+        token = token if token is not None else self.args.hub_token
+        private = private if private is not None else self.args.hub_private_repo
+        revision = revision if revision is not None else self.args.hub_revision
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        kwargs.pop("model_name", None)
+        self.create_model_card(output_dir=str(output_dir), **kwargs)
+        self._finish_current_push()
+        push = dict(token=token, private=private, revision=revision, commit_message=commit_message)
+        if blocking:
+            return push_pruned(output_dir, repo_id, **push)
+        return HfApi(token=token).run_as_future(push_pruned, output_dir, repo_id, **push)
 
     def pruning_report(self) -> dict:
         callback = self.pruning_callback
@@ -241,4 +318,5 @@ class PruningTrainer(Trainer):
         }
         if callback._model is not None:
             report["reached"] = callback.sparsity().as_dict()
+        report.update(self.report_metadata)
         return report
