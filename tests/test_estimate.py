@@ -1,0 +1,288 @@
+"""The memory estimator and the shipped model configs (fast: configs, meta device, one tiny model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hfprune.estimate import (
+    CRITERIA,
+    GiB,
+    MODEL_CONFIG_DIR,
+    PERSISTENT,
+    PROJECTIONS,
+    MemoryEstimate,
+    available_model_configs,
+    compare_criteria,
+    estimate_memory,
+    load_model_config,
+)
+
+# Published sizes (model cards / papers).
+PUBLISHED_PARAMETERS = {
+    "llama-7b": 6.74e9,
+    "llama-13b": 13.0e9,
+    "llama-30b": 32.5e9,
+    "llama-65b": 65.2e9,
+    "llama-2-7b": 6.74e9,
+    "llama-2-13b": 13.0e9,
+    "llama-2-70b": 69.0e9,
+    "llama-3-8b": 8.03e9,
+    "llama-3.1-8b": 8.03e9,
+    "llama-3-70b": 70.6e9,
+    "llama-3.1-70b": 70.6e9,
+    "mistral-7b": 7.24e9,
+    "qwen2.5-7b": 7.61e9,
+    "qwen3-8b": 8.2e9,
+    "gemma-2-9b": 9.24e9,
+    "smollm2-135m": 135e6,
+}
+
+
+def meta_parameter_count(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_published_model_has_a_config():
+    assert set(available_model_configs()) == set(PUBLISHED_PARAMETERS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_config_loads_and_has_the_published_size(name):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(MODEL_CONFIG_DIR / f"{name}.json"))
+    count = meta_parameter_count(config)
+    assert count == pytest.approx(PUBLISHED_PARAMETERS[name], rel=0.02)
+    # the estimator counts the same parameters from the config alone
+    assert estimate_memory(config).num_parameters == count
+
+
+def test_config_details():
+    llama2_70b = load_model_config("llama-2-70b")
+    assert (llama2_70b.num_key_value_heads, llama2_70b.intermediate_size) == (8, 28672)
+    llama31 = load_model_config("llama-3.1-8b")
+    assert llama31.rope_parameters["rope_type"] == "llama3"
+    assert llama31.rope_parameters["factor"] == 8.0
+    assert llama31.rope_parameters["rope_theta"] == 500000.0
+    assert load_model_config("llama-3-8b").rope_parameters["rope_type"] == "default"
+    assert load_model_config("mistral-7b").sliding_window == 4096
+    qwen = load_model_config("qwen2.5-7b")
+    assert (qwen.vocab_size, qwen.num_key_value_heads) == (152064, 4)
+    gemma = load_model_config("gemma-2-9b")
+    assert (gemma.head_dim, gemma.final_logit_softcapping, gemma.query_pre_attn_scalar) == (256, 30.0, 256)
+    smol = load_model_config("smollm2-135m")
+    assert smol.tie_word_embeddings and (smol.num_attention_heads, smol.num_key_value_heads) == (9, 3)
+
+
+def test_load_model_config_accepts_names_paths_dicts_and_configs(tmp_path):
+    by_name = load_model_config("llama-7b")
+    assert by_name.hidden_size == 4096 and by_name.name_or_path == "llama-7b"
+    assert load_model_config("LLaMA-7B.json").hidden_size == 4096
+    path = MODEL_CONFIG_DIR / "llama-7b.json"
+    assert load_model_config(path).hidden_size == 4096
+    shutil.copy(path, tmp_path / "config.json")
+    assert load_model_config(tmp_path).hidden_size == 4096
+    as_dict = json.loads(path.read_text())
+    assert load_model_config(as_dict).intermediate_size == 11008
+    assert load_model_config(by_name) is by_name
+    with pytest.raises(ValueError, match="llama-8b.*llama-65b"):
+        load_model_config("llama-8b")
+
+
+def test_components_add_up():
+    estimate = estimate_memory("llama-13b", gradient_checkpointing=False)
+    assert estimate.total == sum(estimate.phases[estimate.peak_phase].values())
+    assert estimate.total == max(sum(parts.values()) for parts in estimate.phases.values())
+    for parts in estimate.phases.values():
+        for name in PERSISTENT:  # weights and optimizer states are alive in every phase
+            assert parts[name] == estimate.components[name]
+        for name, value in parts.items():
+            assert 0 <= value <= estimate.components[name]
+    assert estimate.total <= sum(estimate.components.values())
+    assert 0 < estimate.total < estimate.num_parameters * 2  # far below a bf16 copy of the weights
+
+
+def test_8bit_weights_are_int8_plus_row_scales():
+    config = load_model_config("llama-7b")
+    estimate = estimate_memory(config, load_in_8bit=True)
+    h, inter, n_layers = 4096, 11008, 32
+    projections = n_layers * (4 * h * h + 3 * h * inter)
+    rows = n_layers * (4 * h + 2 * inter + h)
+    assert estimate.components["base_weights"] == projections + 4 * rows
+    # embeddings and LM head are not quantised (fp32 after prepare_model_for_kbit_training)
+    assert estimate.components["other_weights"] == 4 * (2 * 32000 * h + (2 * n_layers + 1) * h)
+
+
+def test_llama_activation_formula():
+    t, h, inter, r, heads = 512, 4096, 11008, 8, 32
+    estimate = estimate_memory("llama-7b", gradient_checkpointing=False, lora_r=r)
+    per_layer = t * (4 * h + 2 * h + 2 * h + 4 * inter + 7 * r) * 4 + t * heads * 4 + 2 * t * 4
+    outside = 2 * t * 128 * 4 + t * h * 4 + t * 4 + 8 * t  # cos/sin, final norm, labels
+    assert estimate.components["saved_activations"] == 32 * per_layer + outside
+    checkpointed = estimate_memory("llama-7b", gradient_checkpointing=True, lora_r=r)
+    assert checkpointed.components["saved_activations"] == 32 * t * h * 4 + outside
+
+
+def test_llama_65b_lora_8bit_fits_on_one_80gb_gpu():
+    estimate = estimate_memory("llama-65b", criterion="lora", load_in_8bit=True, seq_len=512, batch_size=1,
+                               gradient_checkpointing=True)
+    assert estimate.total < 80 * GiB
+    assert estimate.fits(80e9)  # with 1 GiB of CUDA context and 5% allocator slack
+    assert not estimate.fits(40e9)
+    assert not compare_criteria("llama-65b")["taylor (bf16)"].fits(80e9)
+
+
+def test_full_gradient_criteria_refuse_an_8bit_base():
+    for criterion in ("taylor", "taylor2", "vector"):
+        with pytest.raises(ValueError, match=rf"criterion='{criterion}'.*load_in_8bit=True.*full.*gradient"):
+            estimate_memory("llama-7b", criterion=criterion, load_in_8bit=True)
+    dense = estimate_memory("llama-7b", criterion="taylor", load_in_8bit=False)
+    assert dense.components["weight_gradients"] >= 6.7e9 * 2  # one bf16 gradient per weight
+    fisher = estimate_memory("llama-7b", criterion="taylor2", load_in_8bit=False)
+    assert fisher.total > dense.total
+
+
+def test_grows_with_seq_len_and_shrinks_with_checkpointing():
+    for checkpointing in (True, False):
+        short = estimate_memory("llama-7b", seq_len=512, gradient_checkpointing=checkpointing)
+        long = estimate_memory("llama-7b", seq_len=2048, gradient_checkpointing=checkpointing)
+        assert long.total > short.total
+        assert long.components["saved_activations"] > short.components["saved_activations"]
+    for criterion, eight_bit in (("lora", True), ("taylor", False)):
+        on = estimate_memory("llama-7b", criterion=criterion, load_in_8bit=eight_bit, seq_len=2048,
+                             gradient_checkpointing=True)
+        off = estimate_memory("llama-7b", criterion=criterion, load_in_8bit=eight_bit, seq_len=2048,
+                              gradient_checkpointing=False)
+        assert on.components["saved_activations"] < off.components["saved_activations"]
+        assert on.total <= off.total
+        if criterion == "lora":
+            assert on.total < off.total
+        else:  # the full gradients, not the activations, make Taylor's peak
+            assert on.peak_phase == off.peak_phase == "importance scoring"
+    assert estimate_memory("llama-7b", batch_size=4).total > estimate_memory("llama-7b", batch_size=1).total
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seq_len": 0}, r"seq_len=0: must be a positive integer"),
+        ({"batch_size": -1}, r"batch_size=-1: must be a positive integer"),
+        ({"criterion": "fisher"}, r"criterion='fisher': must be one of \['lora', 'taylor'"),
+        ({"compute_dtype": "int4"}, r"compute_dtype='int4': must be one of \['bfloat16', 'float16', 'float32'\]"),
+        ({"optimizer": "adam"}, r"optimizer='adam': must be one of \['adamw'"),
+        ({"lora_target_modules": ("q_proj", "qkv")}, r"\['qkv'\] not among \['q_proj'"),
+        ({"lora_r": -2}, r"lora_r=-2: must be an integer >= 0"),
+        ({"lora_r": 0}, r"criterion='lora' with lora_r=0"),
+        ({"attn_implementation": "flash"}, r"attn_implementation='flash': must be one of \['sdpa', 'eager'\]"),
+    ],
+)
+def test_bad_inputs_name_the_value_and_the_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        estimate_memory("smollm2-135m", **kwargs)
+
+
+def test_every_criterion_and_architecture_estimates():
+    for criterion in CRITERIA:
+        eight_bit = criterion not in ("taylor", "taylor2", "vector")
+        assert estimate_memory("smollm2-135m", criterion=criterion, load_in_8bit=eight_bit).total > 0
+    gemma = estimate_memory("gemma-2-9b", gradient_checkpointing=False)
+    assert gemma.settings["attn_implementation"] == "eager"  # SDPA refuses softcapping
+    sdpa = estimate_memory("gemma-2-9b", gradient_checkpointing=False, attn_implementation="sdpa")
+    assert gemma.components["saved_activations"] > sdpa.components["saved_activations"]
+    qwen3 = estimate_memory("qwen3-8b")
+    assert qwen3.num_parameters == pytest.approx(8.19e9, rel=0.01)
+
+
+def test_pruned_per_layer_config_is_smaller():
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000)
+    full = LlamaConfig(**base)
+    pruned = LlamaConfig(**base, per_layer_config={1: {"intermediate_size": 256, "num_key_value_heads": 1}})
+    assert estimate_memory(pruned).num_parameters < estimate_memory(full).num_parameters
+    assert estimate_memory(pruned).total < estimate_memory(full).total
+
+
+def test_compare_criteria_and_report():
+    row = compare_criteria("llama-7b")
+    assert list(row) == ["lora (8-bit)", "taylor (bf16)"]
+    assert row["lora (8-bit)"].total < row["taylor (bf16)"].total
+    text = str(row["lora (8-bit)"])
+    assert text == row["lora (8-bit)"].to_markdown()
+    assert "GiB" in text and "(peak)" in text and "llama-7b" in text
+    with pytest.raises(ValueError, match="criterion"):
+        compare_criteria("llama-7b", criterion="lora")
+    assert isinstance(row["taylor (bf16)"], MemoryEstimate)
+
+
+def _count_saved_activations(model, ids) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_activation_formula_matches_the_tensors_autograd_saves(dtype):
+    """Dense model, every weight trainable (the Taylor setting): formula == tensors saved for backward."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).train()
+    seq_len = 64
+    counted = _count_saved_activations(model, torch.randint(0, 300, (1, seq_len)))
+    estimate = estimate_memory(config, criterion="taylor", load_in_8bit=False, seq_len=seq_len, lora_r=0,
+                               gradient_checkpointing=False, compute_dtype=dtype, optimizer=None)
+    log_softmax = 4 * seq_len * 300  # counted by the hooks, part of the estimator's loss buffers
+    assert estimate.components["saved_activations"] + log_softmax == pytest.approx(counted, rel=0.001)
+
+
+def test_activation_formula_matches_an_8bit_lora_model(tmp_path):
+    """int8 base (bitsandbytes on the CPU) + LoRA on the 7 projections, prepared as for k-bit training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=list(PROJECTIONS), lora_dropout=0.0)).train()
+    seq_len = 64
+    counted = _count_saved_activations(model, torch.randint(0, 300, (1, seq_len)))
+    estimate = estimate_memory(config, criterion="lora", load_in_8bit=True, seq_len=seq_len, lora_r=8,
+                               gradient_checkpointing=False, compute_dtype="float32")
+    # the first layer's input norm keeps nothing: the frozen embedding's output needs no gradient
+    first_norm = 4 * seq_len * 64 + 4 * seq_len
+    log_softmax = 4 * seq_len * 300
+    assert estimate.components["saved_activations"] - first_norm + log_softmax == pytest.approx(counted, rel=0.001)
+    # Linear8bitLt keeps the int8 matrix and one fp32 scale per output row (moved to .state by the forward)
+    import bitsandbytes as bnb
+
+    int8 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(int8) == 2 * 7
+    assert all(m.weight.dtype == torch.int8 for m in int8)
+    stored = sum(m.weight.untyped_storage().nbytes() + m.state.SCB.untyped_storage().nbytes() for m in int8)
+    assert stored == estimate.components["base_weights"]
