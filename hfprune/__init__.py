@@ -36,6 +36,12 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Plain `from_pretrained(pruned_dir)` works once hfprune is imported: the hfprune_* config and
+# model classes register with the Auto classes as soon as transformers' Auto modules load.
+from .export.registration import register_auto_classes as _register_auto_classes  # noqa: E402
+
+_register_auto_classes(defer=True)
+
 
 def __getattr__(name: str):
     if name in _EXPORTS:

@@ -153,15 +153,34 @@ def _remove_channels(layer: LayerStructure, channels_keep: torch.Tensor) -> list
     return records
 
 
+def _reference_widths(config, index: int) -> dict:
+    """The config's widths for layer `index` (per-layer ones for a loaded heterogeneous checkpoint)."""
+    source = config
+    if getattr(config, "is_heterogeneous", False) and index in getattr(config, "per_layer_config", {}):
+        source = config.per_layer_config[index]
+
+    def read(name):
+        try:
+            return getattr(source, name, None)
+        except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError on heterogeneous configs
+            return None
+
+    heads = read("num_attention_heads")
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": read("num_key_value_heads") or heads,
+        "intermediate_size": read("intermediate_size"),
+    }
+
+
 def record_layer_widths(structure: ModelStructure) -> dict[str, dict[str, int]]:
     """Write the per-layer widths into the config as `pruned_layer_widths` (only layers that differ)."""
     config = structure.config
-    reference = {
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
-        "intermediate_size": config.intermediate_size,
+    widths = {
+        str(layer.index): layer.widths()
+        for layer in structure
+        if layer.widths() != _reference_widths(config, layer.index)
     }
-    widths = {str(layer.index): layer.widths() for layer in structure if layer.widths() != reference}
     config.pruned_layer_widths = widths
     return widths
 

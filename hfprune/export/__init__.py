@@ -1,0 +1,46 @@
+"""Export: a pruned model becomes a dense safetensors checkpoint that loads everywhere.
+
+    from hfprune.export import save_pruned
+    save_pruned(model, "out/", masks=masks, original_checkpoint="org/base-model", tokenizer=tokenizer)
+
+Uniformly pruned models get a stock config; heterogeneous ones an `hfprune_<family>` config
+with `per_layer_config`, and the loading code shipped beside the weights.
+
+Names are imported on first use, so `hfprune.export.registration` can be imported at
+`import hfprune` without pulling in torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "save_pruned": "save",
+    "build_export_config": "config",
+    "register_auto_classes": "registration",
+    "PickleCheckpointError": "safety",
+    "check_no_pickles": "safety",
+    "validate_checkpoint_shapes": "safety",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfprune.export' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import build_export_config
+    from .registration import register_auto_classes
+    from .safety import PickleCheckpointError, check_no_pickles, validate_checkpoint_shapes
+    from .save import save_pruned
