@@ -67,6 +67,17 @@ def test_end_to_end_8bit_gqa_lora(tmp_path):
         ids = torch.randint(0, 100, (1, 8))
         assert torch.isfinite(trainer.model(input_ids=ids).logits).all()
 
+    # save_model(): physically pruned, LoRA merged into the full-precision original, loadable
+    from transformers import AutoModelForCausalLM
+
+    out = trainer.save_model()
+    assert out == tmp_path / "out" / "pruned" and (out / "pruning_report.json").exists()
+    assert (tmp_path / "out").exists() and not list(out.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert loaded.model.layers[1].self_attn.k_proj.weight.shape == (8, 64)
+    assert count_parameters(loaded) == count_parameters(trainer.model)
+    assert loaded.dtype == torch.float32 and torch.isfinite(loaded(input_ids=ids).logits).all()
+
 
 def test_sft_trainer_with_pruning_callback(tmp_path):
     trl = pytest.importorskip("trl")
