@@ -241,5 +241,5 @@ def test_config_errors(kwargs, message):
 
 
 def test_unknown_criterion_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="importance='foo': unknown criterion; available: lora, magnitude"):
+    with pytest.raises(ValueError, match="importance=.foo.: unknown criterion; available: .*lora.*magnitude"):
         prune_model(tiny_model("llama"), PruningConfig(importance="foo"))
