@@ -157,7 +157,8 @@ class PruningCallback(TrainerCallback):
         self.structure = discover_for_config(model, self.config)
         self._original_prunable = self.structure.prunable_params()
         self._original_total = count_parameters(model)
-        check_feasible(self.structure, self.config)
+        if state.global_step == 0:  # a resumed model may already be sliced: checked when the run began
+            check_feasible(self.structure, self.config)
         steps = self.config.pruning_steps or max(1, round(self.config.pruning_fraction * state.max_steps))
         if steps > state.max_steps:
             raise ValueError(

@@ -72,8 +72,8 @@ def _slice_int8_linear_(module: nn.Module, dim: int, index: torch.Tensor) -> lis
     else:
         state.CB = weight.data
         state.SCB = scales
-    for cached in ("CxB", "SB", "CBt", "SBt", "subB", "idx"):
-        if hasattr(state, cached):
+    for cached in ("SB", "CBt", "SBt", "subB", "idx"):  # transposed/outlier caches of the old shapes
+        if cached in vars(state):
             setattr(state, cached, None)
     return records
 
