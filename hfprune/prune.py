@@ -56,14 +56,47 @@ def prune_model(
         score_model(structure, criterion, accumulator)
     else:
         if calibration_data is None:
+            what = "forward passes" if criterion.needs == "forward" else "gradients"
             raise ValueError(
-                f"importance={config.importance!r} needs gradients: pass calibration_data (batches of input_ids), "
+                f"importance={config.importance!r} needs {what}: pass calibration_data (batches of input_ids), "
                 "or use importance='magnitude' or 'random'"
             )
-        _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
+        try:
+            if criterion.needs == "forward":
+                _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data)
+            else:
+                _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
+        finally:
+            if hasattr(criterion, "release"):  # hook-based criteria must not outlive the call
+                criterion.release()
     masks = allocate(structure, lambda layer: accumulator.group_scores(layer.index, layer.n_rep), config, 1.0)
     remove_pruned_groups(structure, masks)
     return model
+
+
+def _batches_on(model, calibration_data):
+    device = _model_device(model)
+    for batch in calibration_data:
+        yield {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+@torch.no_grad()
+def _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data) -> None:
+    """Gradient-free criteria: activation statistics from forward passes only (inference memory)."""
+    criterion.prepare(model, structure.prunable_layers)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = 0
+        for batch in _batches_on(model, calibration_data):
+            batch.pop("labels", None)
+            model(**batch)
+            batches += 1
+        if batches == 0:
+            raise ValueError("calibration_data is empty: pass at least one batch")
+        score_model(structure, criterion, accumulator)
+    finally:
+        model.train(was_training)
 
 
 def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:
@@ -71,12 +104,10 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
     criterion.prepare(model, structure.prunable_layers)
     was_training = model.training
     model.eval()  # no dropout while scoring
-    device = _model_device(model)
     batches = 0
     try:
         model.zero_grad(set_to_none=True)
-        for batch in calibration_data:
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+        for batch in _batches_on(model, calibration_data):
             batch.setdefault("labels", batch["input_ids"])
             loss = model(**batch).loss
             loss.backward()

@@ -105,9 +105,12 @@ class PruningTrainer(Trainer):
         model_init_kwargs: Optional[dict] = None,
         max_length: int = 512,
         train_on_prompt: bool = False,
+        distillation=None,
         **kwargs: Any,
     ):
         self.pruning_config = pruning_config or PruningConfig()
+        self.distillation = distillation
+        self._warned_no_teacher = False
         needs_full_gradients = self.pruning_config.importance in ("taylor", "taylor2", "vector")
         if isinstance(model, str):
             if load_in_8bit is None:
@@ -209,6 +212,22 @@ class PruningTrainer(Trainer):
             logs = {**logs, **self.pruning_callback.pending_logs}
             self.pruning_callback.pending_logs = {}
         super().log(logs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        callback = self.pruning_callback
+        if self.distillation is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if callback.physically_pruned:
+            if not self._warned_no_teacher:
+                logger.warning("weights are sliced: the dense teacher is gone, recovery continues on the label loss")
+                self._warned_no_teacher = True
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .distill import distillation_step
+
+        # Hook-based criteria must not record the teacher's forward either.
+        switches = [callback.hooks] + ([callback.criterion] if hasattr(callback.criterion, "enabled") else [])
+        loss, outputs, parts = distillation_step(model, inputs, self.distillation, switches, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
     def _export_dir(self) -> str:
         # Not args.output_dir itself: replacing it atomically would delete the run's checkpoints and logs.

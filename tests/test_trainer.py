@@ -158,3 +158,25 @@ def test_two_process_gloo_ranks_hold_identical_masks(tmp_path):
     assert removal and not all(bool(r0[k].all()) for k in removal)  # pruning happened (sliced at train end)
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
+
+
+def test_distillation_from_the_free_dense_teacher(tmp_path, monkeypatch):
+    from hfprune import distill
+
+    save_tiny("llama", tmp_path / "base")
+    calls = []
+    real_step = distill.distillation_step
+    monkeypatch.setattr(distill, "distillation_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    trainer = PruningTrainer(
+        model=str(tmp_path / "base"), args=_args(tmp_path, max_steps=6), load_in_8bit=False,
+        pruning_config=PruningConfig(target_sparsity=0.3, prune_every=1, protected_layers=(0,),
+                                     physical_removal="at_end"),
+        distillation=distill.DistillationConfig(alpha=0.5, temperature=2.0),
+        train_dataset=datasets.Dataset.from_list(alpaca_records(16)),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    assert len(calls) == 6  # one teacher + student step per optimizer step, through the whole run
+    assert trainer.pruning_callback.physically_pruned  # sliced once training ended
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    assert abs(trainer.pruning_callback.sparsity().sparsity - 0.3) < 0.02

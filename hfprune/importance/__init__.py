@@ -8,7 +8,7 @@
             ...  # [rows, in] float32 tensor, higher = more important
 """
 
-from . import lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
+from . import activation, activation_taylor, lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
 from .accumulator import ScoreAccumulator
 from .base import (
     ROLES,
