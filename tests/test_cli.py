@@ -1,0 +1,298 @@
+"""The `hfprune` command in-process: help, plan, prune end to end, eval, push, estimate, and its errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hfprune.cli import main
+
+from tests.hub_fixtures import local_hub  # noqa: F401
+
+from .tiny_models import alpaca_records, save_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEXT = "the quick brown fox jumps over the lazy dog while small birds sing in tall green trees\n" * 8
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    save_tiny("llama", path)
+    return path
+
+
+def _recipe(tmp_path: Path, base: Path, **sections) -> Path:
+    """A recipe for the tiny Llama: 4 optimizer steps on 32 alpaca records, eval on a short text."""
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(32)))
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = {
+        "model": {"name_or_path": str(base), "load_in_8bit": False, "dtype": "float32"},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "pruning": {"target_sparsity": 0.5, "prune_every": 1, "protected_layers": [0], "seed": 0},
+        "data": {"train": "data.json", "max_length": 128, "train_on_prompt": True},  # relative to the recipe
+        "training": {"output_dir": str(tmp_path / "trainer"), "max_steps": 4, "per_device_train_batch_size": 2,
+                     "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "seed": 0},
+        "export": {"output_dir": str(tmp_path / "model")},
+        "eval": {"perplexity": ["text.txt"], "seq_len": 16, "max_windows": 2,
+                 "speed": {"prompt_len": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}},
+    }
+    for name, value in sections.items():
+        if value is None:
+            recipe.pop(name, None)
+        else:
+            recipe[name] = {**recipe.get(name, {}), **value}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a model is loaded: errors must come before that."""
+    import hfprune.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(hfprune.trainer.PruningTrainer, "__init__", refuse)
+
+
+# ---- help ---------------------------------------------------------------------------------------------------
+
+OPTIONS = {
+    "prune": ["RECIPE.yaml", "KEY=VALUE", "--dry-run", "--json"],
+    "plan": ["--steps", "--world-size", "--with-lora", "--per-layer", "--no-memory", "--json", "--dry-run"],
+    "eval": ["--ppl-source", "--seq-len", "--max-windows", "--baseline", "--speed", "--tasks", "--task-dir",
+             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--device", "--dtype", "--trust-remote-code"],
+    "push": ["DIR", "REPO_ID", "--private", "--token", "--revision", "--commit-message", "--create-pr"],
+    "estimate": ["MODEL_OR_CONFIG", "--criterion", "--load-in-8bit", "--seq-len", "--batch", "--lora-r",
+                 "--no-gradient-checkpointing", "--gpu-gb"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_help_explains_every_option(capsys, command):
+    code, out, _ = _run(capsys, command, "--help")
+    assert code == 0
+    for option in OPTIONS[command]:
+        assert option in out, f"{command} --help does not mention {option}"
+    assert "(default:" in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0 and all(name in out for name in OPTIONS)
+    assert _run(capsys)[0] == 2  # no command: usage error
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+
+
+def test_plan_of_the_65b_recipe_prints_widths_in_seconds(capsys, tmp_path):
+    start = time.perf_counter()
+    code, out, err = _run(capsys, "plan", str(ROOT / "recipes" / "llama-65b-50.yaml"), "--dry-run",
+                          "--json", str(tmp_path / "plan.json"))
+    seconds = time.perf_counter() - start
+    assert code == 0, err
+    assert seconds < 60, f"hfprune plan took {seconds:.1f} s"
+    assert "0-7 (protected)" in out and "8-78" in out and "64 -> 32" in out and "22016 -> 11008" in out
+    assert "65.29B -> 36.55B" in out and "heterogeneous" in out and "794 optimizer steps" in out
+    assert "Peak:" in out  # the memory estimate for the recipe's settings
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["num_layers"] == 80 and len(plan["layers"]) == 80
+
+
+def test_plan_of_a_bare_model_config_with_overrides(capsys):
+    code, out, err = _run(capsys, "plan", "smollm2-135m", "pruning.target_sparsity=0.5", "pruning.uniform=true",
+                          "pruning.head_granularity=query_head", "--steps", "100")
+    assert code == 0, err
+    assert "9 -> 6" in out and "uniform" in out and "100 optimizer steps" in out
+
+
+def test_unknown_recipe_key_is_one_line_with_a_suggestion(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name_or_path: org/m, model_config: smollm2-135m}\npruning: {target_sparsty: 0.5}\n")
+    for command in ("plan", "prune"):
+        code, out, err = _run(capsys, command, str(path))
+        assert code == 2
+        assert err.strip().count("\n") == 0 and "Traceback" not in err
+        assert "unknown key 'pruning.target_sparsty'; did you mean 'pruning.target_sparsity'?" in err
+
+
+def test_bad_override_type_is_refused(capsys):
+    recipe = str(ROOT / "recipes" / "llama-7b-20.yaml")
+    code, _, err = _run(capsys, "plan", recipe, "pruning.target_sparsity=abc")
+    assert code == 2 and "pruning.target_sparsity='abc': expected a number" in err
+    code, _, err = _run(capsys, "plan", recipe, "training.num_train_epochs=two")
+    assert code == 2 and "training.num_train_epochs='two': expected a number" in err
+    code, _, err = _run(capsys, "plan", recipe, "pruning.target_sparsity=1.5")
+    assert code == 2 and "target_sparsity=1.5: must be in [0, 1)" in err
+
+
+def test_missing_recipe_and_debug_traceback(capsys, tmp_path):
+    code, _, err = _run(capsys, "plan", str(tmp_path / "none.yaml"))
+    assert code == 2 and "no such file" in err
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "plan", str(tmp_path / "none.yaml")])
+
+
+# ---- prune --------------------------------------------------------------------------------------------------
+
+
+def test_prune_runs_a_tiny_recipe_end_to_end(capsys, tmp_path, tiny_base, local_hub):
+    pytest.importorskip("hfprune.export")
+    from transformers import AutoModelForCausalLM
+
+    from hfprune.allocation import count_parameters
+
+    path = _recipe(tmp_path, tiny_base, hub={"repo_id": "test-user/tiny-cli", "token_env": "HF_TOKEN"})
+    code, out, err = _run(capsys, "prune", str(path), "pruning.target_sparsity=0.5", "--json", str(tmp_path / "s.json"))
+    assert code == 0, err
+    model_dir = tmp_path / "model"
+    report = json.loads((model_dir / "pruning_report.json").read_text())
+    assert report["reached"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert set(report["evaluation"]) >= {"pruned", "dense", "prefill_speedup", "flops_speedup_limit"}
+    assert report["evaluation"]["pruned"]["params"] < report["evaluation"]["dense"]["params"]
+    assert report["recipe"]["settings"]["pruning"]["target_sparsity"] == 0.5
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["train"]["global_step"] == 4 and summary["evaluation"]["dense"]["perplexity"]
+    assert "hfprune summary" in out and "| perplexity" in out
+    from hfprune.export import register_auto_classes
+
+    register_auto_classes()
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert count_parameters(loaded) == report["parameters"]["after"] < report["parameters"]["before"]
+    assert {"pruning_report.json", "model.safetensors", "README.md"} <= set(local_hub.list_files("test-user/tiny-cli"))
+
+
+def test_same_seed_and_inputs_give_the_same_pruned_model(capsys, tmp_path, tiny_base):
+    pytest.importorskip("hfprune.export")
+    kept = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        code, _, err = _run(capsys, "prune", str(_recipe(tmp_path / run, tiny_base, eval=None)))
+        assert code == 0, err
+        layers = json.loads((tmp_path / run / "model" / "pruning_report.json").read_text())["layers"]
+        kept.append([(l.get("kept_query_heads"), l.get("kept_channels")) for l in layers])
+    assert kept[0] == kept[1]
+
+
+def test_prune_dry_run_checks_everything_and_writes_nothing(capsys, tmp_path, tiny_base, no_training):
+    code, out, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)), "--dry-run")
+    assert code == 0, err
+    assert "32 alpaca records" in out and "Plan for" in out
+    assert not (tmp_path / "model").exists() and not (tmp_path / "trainer").exists()
+
+
+def test_existing_output_directory_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)))
+    assert code == 2
+    assert "export.output_dir=" in err and "exists and is not empty; pass export.overwrite=true" in err
+
+
+def test_earlier_checkpoints_are_refused_unless_resumed(capsys, tmp_path, tiny_base, no_training):
+    (tmp_path / "trainer" / "checkpoint-2").mkdir(parents=True)
+    code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)))
+    assert code == 2 and "holds checkpoints of an earlier run (checkpoint-2)" in err
+    code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)), "training.resume_from_checkpoint=/no/such")
+    assert code == 2 and "no such checkpoint directory" in err
+
+
+def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+    path = _recipe(tmp_path, tiny_base)
+    (tmp_path / "qa.jsonl").write_text('{"question": "why?", "answer": "because"}\n')
+    code, _, err = _run(capsys, "prune", str(path), "data.train=qa.jsonl")
+    assert code == 2
+    assert "data.train[0]" in err and "match no known format" in err and "alpaca: ['instruction', 'output']" in err
+    code, _, err = _run(capsys, "prune", str(path), "data.train=[{path: qa.jsonl, text_field: body}]")
+    assert code == 2 and "text_field='body' is not a column" in err
+    code, _, err = _run(capsys, "prune", str(path), "data.train=missing.json")
+    assert code == 2 and "no such file" in err
+
+
+def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp_path, tiny_base, no_training,
+                                                                    monkeypatch):
+    path = _recipe(tmp_path, tiny_base)
+    code, _, err = _run(capsys, "prune", str(path), "eval.perplexity=[missing.txt]")
+    assert code == 2 and "missing.txt" in err and "no such file" in err
+    monkeypatch.delenv("MY_HUB_TOKEN", raising=False)
+    code, _, err = _run(capsys, "prune", str(path), "hub.repo_id=me/x", "hub.token_env=MY_HUB_TOKEN")
+    assert code == 2 and "MY_HUB_TOKEN is not set" in err
+
+
+def test_infeasible_target_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+    path = _recipe(tmp_path, tiny_base)
+    code, _, err = _run(capsys, "prune", str(path), "pruning.target_sparsity=0.9", "pruning.structures=[heads]")
+    assert code == 2 and "target_sparsity=0.9: layer 1 can give up at most" in err
+
+
+def test_pickle_checkpoints_are_refused(capsys, tmp_path, tiny_base, no_training):
+    import shutil
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(tiny_base, hostile)
+    (hostile / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    code, _, err = _run(capsys, "eval", str(hostile), "--ppl-source", "wikitext2")
+    assert code == 2 and "pickle" in err and "pytorch_model.bin" in err
+    code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, hostile)))
+    assert code == 2 and "pickle" in err
+
+
+# ---- eval, push, estimate -------------------------------------------------------------------------------------
+
+
+def test_eval_compares_with_a_baseline(capsys, tmp_path, tiny_base):
+    (tmp_path / "text.txt").write_text(TEXT)
+    output = tmp_path / "eval.json"
+    code, out, err = _run(capsys, "eval", str(tiny_base), "--ppl-source", str(tmp_path / "text.txt"),
+                          "--seq-len", "16", "--max-windows", "2", "--baseline", str(tiny_base),
+                          "--output", str(output))
+    assert code == 0, err
+    report = json.loads(output.read_text())
+    assert report["pruned"]["perplexity"] == report["dense"]["perplexity"]
+    assert "| perplexity" in out and output.with_suffix(".md").exists()
+    code, _, err = _run(capsys, "eval", str(tiny_base))
+    assert code == 2 and "nothing to measure" in err
+
+
+def test_push_uploads_a_checkpoint(capsys, tmp_path, tiny_base, local_hub):
+    pytest.importorskip("hfprune.hub")
+    import torch
+
+    from hfprune import PruningConfig, prune_model
+    from hfprune.export import save_pruned
+
+    from .tiny_models import tiny_model, tiny_tokenizer
+
+    model = prune_model(tiny_model("llama"), PruningConfig(target_sparsity=0.3, importance="magnitude",
+                                                           uniform=True, protected_layers=()))
+    save_pruned(model, tmp_path / "ckpt", tokenizer=tiny_tokenizer(), dtype=torch.float32)
+    code, out, err = _run(capsys, "push", str(tmp_path / "ckpt"), "test-user/cli-push", "--private")
+    assert code == 0, err
+    assert "pushed" in out and "config.json" in local_hub.list_files("test-user/cli-push")
+    code, _, err = _run(capsys, "push", str(tmp_path / "nothing"), "test-user/x")
+    assert code == 2 and "no such checkpoint directory" in err
+
+
+def test_estimate_compares_lora_with_taylor(capsys):
+    code, out, err = _run(capsys, "estimate", "llama-65b", "--criterion", "lora", "--load-in-8bit", "--seq-len", "512",
+                          "--batch", "1", "--lora-r", "8")
+    assert code == 0, err
+    assert "llama-65b" in out and "Peak:" in out and "Fits one 80 GB GPU: yes" in out
+    assert "lora (8-bit)" in out and "taylor (bf16)" in out
+    code, _, err = _run(capsys, "estimate", "llama-7b", "--criterion", "taylor", "--load-in-8bit")
+    assert code == 2 and "taylor" in err

@@ -1,0 +1,242 @@
+"""Every shipped recipe loads, builds its config objects and dry-runs on the meta device; the loader's rules."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hfprune.plan import dry_run
+from hfprune.recipes import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+LORAPRUNE = [p for p in RECIPES if p.stem.endswith(("-20", "-50")) or p.stem.endswith("-ddp")]
+
+
+@pytest.fixture(scope="module")
+def plans():
+    """Every recipe loaded and planned once; the timing covers all of them together."""
+    start = time.perf_counter()
+    results = {}
+    for path in RECIPES:
+        recipe = load_recipe(path, check_device=False)  # bf16 recipes are meant for GPUs
+        results[path.name] = (recipe, dry_run(recipe, memory=False))
+    return results, time.perf_counter() - start
+
+
+def test_the_expected_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    for size in ("7b", "13b", "30b", "65b"):
+        assert {f"llama-{size}-20", f"llama-{size}-50"} <= names
+    assert {
+        "smollm2-135m-demo", "llama-2-7b-20", "llama-2-13b-20", "llama-2-70b-20", "llama-3-8b-20", "llama-3.1-8b-20",
+        "llama-3.1-70b-20", "mistral-7b-20", "qwen2.5-7b-20", "qwen3-8b-20", "gemma-2-9b-20", "llama-2-7b-ddp",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_dry_runs_to_its_target(path, plans):
+    results, _ = plans
+    recipe, plan = results[path.name]
+    assert recipe.model["model_config"], "every recipe names a model config for dry runs"
+    assert plan.model == recipe.model["model_config"]
+    assert abs(plan.reached_sparsity - recipe.pruning.target_sparsity) < 0.01
+    assert plan.params_after < plan.params_before
+    assert plan.params_before - plan.params_after == plan.removed_params
+    assert plan.checkpoint["kind"] in ("uniform", "heterogeneous")
+    assert plan.schedule["update_steps"], "the schedule updates the masks at least once"
+    assert plan.schedule["progress"][-1] == 1.0
+    protected = [layer for layer in plan.layers if layer.protected]
+    assert all(layer.before == layer.after for layer in protected)
+    assert any("physical removal ran on meta tensors" in note for note in plan.notes)
+
+
+def test_all_recipes_plan_within_a_minute(plans):
+    _, seconds = plans
+    assert seconds < 60, f"planning every recipe took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("path", LORAPRUNE, ids=lambda p: p.stem)
+def test_published_recipes_use_loraprune_settings(path, plans):
+    recipe, plan = plans[0][path.name]
+    lora, pruning, args = recipe.lora, recipe.pruning, recipe.training
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.05)
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert args.learning_rate == 1e-4 and args.num_train_epochs == 2
+    world = 8 if path.stem.endswith("-ddp") else 1
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * world == 128
+    assert (pruning.importance, pruning.schedule, pruning.prune_every, pruning.ema_decay) == ("lora", "cubic", 10, 0.9)
+    assert (pruning.warmup_ratio, pruning.cooldown_ratio, pruning.pruning_fraction) == (0.1, 0.1, 1.0)
+    assert pruning.protected_layers is None and pruning.ranking == "local"
+    assert recipe.data["max_length"] == 512 and recipe.data["train_on_prompt"]
+    text = path.read_text()
+    assert text.startswith("#") and "Assumed" in text or "as recipes/" in text, "assumptions are stated at the top"
+
+
+def test_large_models_are_planned_at_full_size(plans):
+    results, _ = plans
+    _, plan = results["llama-65b-50.yaml"]
+    assert plan.num_layers == 80 and 65.0e9 < plan.params_before < 65.5e9
+    middle = plan.layers[40]
+    assert middle.before == {"num_attention_heads": 64, "num_key_value_heads": 64, "intermediate_size": 22016}
+    assert middle.after == {"num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008}
+    _, plan = results["llama-3.1-70b-20.yaml"]
+    assert plan.num_layers == 80 and plan.layers[40].after["num_key_value_heads"] == 7  # one of 8 KV groups
+    _, plan = results["qwen2.5-7b-20.yaml"]
+    assert plan.layers[10].after["num_key_value_heads"] == 4 and plan.layers[10].after["num_attention_heads"] == 24
+
+
+def test_demo_recipe_reads_the_shared_data(data_dir, monkeypatch):
+    monkeypatch.delenv("HFPRUNE_DATA_DIR", raising=False)
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-demo.yaml", check_device=False)
+    assert recipe.model["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert recipe.model["load_in_8bit"] and recipe.pruning.target_sparsity == 0.2
+    train = recipe.data["train"][0]["path"]
+    assert Path(train) == (ROOT.parent / "shared" / "data" / "alpaca_en_demo.json").resolve()
+    assert [Path(p).name for p in recipe.eval["perplexity"]] == ["wiki_demo.txt", "c4_demo.jsonl"]
+    assert recipe.eval["seq_len"] == 512 and recipe.eval["max_windows"]
+    monkeypatch.setenv("HFPRUNE_DATA_DIR", str(data_dir))
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-demo.yaml", check_device=False)
+    assert recipe.data["train"][0]["path"] == str(data_dir / "alpaca_en_demo.json")
+
+
+# ---- the loader's rules ---------------------------------------------------------------------------------------
+
+
+def _write(tmp_path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+model: {name_or_path: org/model, model_config: smollm2-135m}
+pruning: {target_sparsity: 0.3}
+training: {max_steps: 10}
+"""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pruning: {target_sparsty: 0.5}",
+         "unknown key 'pruning.target_sparsty'; did you mean 'pruning.target_sparsity'?"),
+        ("trainig: {max_steps: 1}", "unknown key 'trainig'; did you mean 'training'?"),
+        ("training: {learnig_rate: 1.0e-4}", "did you mean 'training.learning_rate'?"),
+        ("lora: {rank: 8}", "unknown key 'lora.rank'"),
+        ("export: {overwrit: true}", "did you mean 'export.overwrite'?"),
+        ("data: {train: [{path: a.json, wieght: 2}]}", "did you mean 'data.train[0].weight'?"),
+    ],
+)
+def test_unknown_keys_name_the_closest_valid_key(tmp_path, text, message):
+    import re
+
+    # A repeated section replaces the one in BASE (YAML: the last key wins).
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(_write(tmp_path, BASE + text))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pruning.target_sparsity=abc", "pruning.target_sparsity='abc': expected a number"),
+        ("training.max_steps=1.5", "training.max_steps=1.5: expected an integer"),
+        ("training.bf16=maybe", "training.bf16='maybe': expected true/false"),
+        ("pruning.target_sparsity=1.5", r"target_sparsity=1.5: must be in \[0, 1\)"),
+        ("pruning.target_sparsty=0.5", "did you mean 'pruning.target_sparsity'"),
+        ("pruning", "expected KEY=VALUE"),
+        ("data.max_length=short", "data.max_length='short': expected an integer"),
+    ],
+)
+def test_bad_overrides_are_refused(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_write(tmp_path, BASE), [override])
+
+
+def test_overrides_are_yaml_and_dotted(tmp_path):
+    recipe = load_recipe(
+        _write(tmp_path, BASE + "data: {train: [a.json, b.json]}"),
+        ["pruning.target_sparsity=0.5", "pruning.structures=[channels]", "training.learning_rate=3e-4",
+         "data.train.1.weight=2", "data.train.0.weight=1", "lora.r=16"],
+    )
+    assert recipe.pruning.target_sparsity == 0.5 and recipe.pruning.structures == ("channels",)
+    assert recipe.training.learning_rate == 3e-4  # "3e-4" is a string to PyYAML; the float field takes it
+    assert [s["weight"] for s in recipe.data["train"]] == [1, 2]
+    assert recipe.lora.r == 16
+
+
+def test_relative_paths_resolve_against_the_recipe_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = _write(tmp_path / "sub", BASE + "data: {train: ../data/a.jsonl}\neval: {perplexity: [wikitext2, w.txt]}")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(path)
+    assert recipe.data["train"][0]["path"] == str(tmp_path / "data" / "a.jsonl")
+    assert recipe.data["train"][0]["local"]
+    assert recipe.eval["perplexity"] == ["wikitext2", str(tmp_path / "sub" / "w.txt")]
+    hub = load_recipe(path, ["data.train=yahma/alpaca-cleaned"])
+    assert hub.data["train"][0] == {**hub.data["train"][0], "path": "yahma/alpaca-cleaned", "local": False}
+    assert recipe.export["output_dir"] == "outputs/recipe/model"  # outputs are relative to the cwd
+
+
+def test_environment_variables_in_strings(tmp_path, monkeypatch):
+    path = _write(tmp_path, BASE + "data: {train: '${MY_DATA:-/default}/a.json'}\nhub: {repo_id: '${USER_NS}/x'}")
+    monkeypatch.delenv("MY_DATA", raising=False)
+    monkeypatch.setenv("USER_NS", "me")
+    recipe = load_recipe(path)
+    assert recipe.data["train"][0]["path"] == "/default/a.json" and recipe.hub["repo_id"] == "me/x"
+    monkeypatch.setenv("MY_DATA", "/elsewhere")
+    assert load_recipe(path).data["train"][0]["path"] == "/elsewhere/a.json"
+    monkeypatch.delenv("USER_NS")
+    with pytest.raises(RecipeError, match="environment variable USER_NS is not set"):
+        load_recipe(path)
+
+
+def test_full_gradient_criterion_on_8bit_base_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="load_in_8bit=true with pruning.importance='taylor'"):
+        load_recipe(_write(tmp_path, BASE), ["model.load_in_8bit=true", "pruning.importance=taylor"])
+
+
+def test_lora_not_covering_the_scored_projections_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"importance='lora' reads the LoRA factors.*\['k_proj', 'o_proj'"):
+        load_recipe(_write(tmp_path, BASE + "lora: {target_modules: [q_proj, v_proj, gate_proj, up_proj, down_proj]}"))
+    assert load_recipe(_write(tmp_path, BASE + "lora: {target_modules: all-linear}")).lora is not None
+
+
+def test_sparsity_outside_the_unit_interval_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"target_sparsity=1.0: must be in \[0, 1\)"):
+        load_recipe(_write(tmp_path, BASE), ["pruning.target_sparsity=1.0"])
+
+
+def test_bf16_without_a_gpu_is_named_unless_planning(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = _write(tmp_path, BASE + "training: {bf16: true}\nmodel: {name_or_path: org/m}")
+    with pytest.raises(RecipeError, match="training.bf16=true needs a GPU"):
+        load_recipe(path)
+    assert load_recipe(path, check_device=False).training.bf16
+
+
+def test_model_section_is_required(tmp_path):
+    with pytest.raises(RecipeError, match="the 'model' section is required"):
+        load_recipe(_write(tmp_path, "pruning: {target_sparsity: 0.2}"))
+    with pytest.raises(RecipeError, match="model.name_or_path is required"):
+        load_recipe(_write(tmp_path, "model: {revision: main}"))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"not valid YAML \(line \d+, column \d+\)"):
+        load_recipe(_write(tmp_path, "model:\n  name_or_path: [unclosed\n"))
+
+
+def test_dora_is_refused_for_the_lora_criterion(tmp_path):
+    with pytest.raises(RecipeError, match="lora.use_dora=true: DoRA layers cannot be pruned"):
+        load_recipe(_write(tmp_path, BASE), ["lora.use_dora=true"])
+
+
+def test_sharded_training_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="training.fsdp: sharded training is not supported.*docs/distributed.md"):
+        load_recipe(_write(tmp_path, BASE), ["training.fsdp=full_shard"])
