@@ -81,7 +81,6 @@ from .config import PruningConfig
 SECTIONS = ("model", "lora", "pruning", "data", "training", "export", "eval", "hub")
 TOP_LEVEL = ("name", "description") + SECTIONS
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
-FULL_GRADIENT_CRITERIA = ("taylor", "taylor2", "vector")
 LORA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXING = ("first_exhausted", "all_exhausted")
@@ -338,8 +337,14 @@ def build_recipe(raw: dict, *, where: str = "recipe", base: Optional[Path] = Non
 
 def check_consistency(recipe: Recipe) -> None:
     """Cross-section rules that no single config class can see."""
+    from .importance import get_importance
+
     where, pruning, model = recipe.source, recipe.pruning, recipe.model
-    if pruning.importance in FULL_GRADIENT_CRITERIA and model["load_in_8bit"]:
+    try:
+        criterion = get_importance(pruning.importance)
+    except ValueError as error:
+        raise RecipeError(f"{where}: pruning.importance: {_one_line(error)}") from None
+    if getattr(criterion, "needs", None) == "weight_gradients" and model["load_in_8bit"]:
         raise RecipeError(
             f"{where}: model.load_in_8bit=true with pruning.importance={pruning.importance!r}: this criterion needs "
             "full weight gradients, which an 8-bit base cannot have; set model.load_in_8bit: false or "

@@ -111,7 +111,9 @@ class PruningTrainer(Trainer):
         self.pruning_config = pruning_config or PruningConfig()
         self.distillation = distillation
         self._warned_no_teacher = False
-        needs_full_gradients = self.pruning_config.importance in ("taylor", "taylor2", "vector")
+        from .prune import make_criterion
+
+        needs_full_gradients = make_criterion(self.pruning_config).needs == "weight_gradients"
         if isinstance(model, str):
             if load_in_8bit is None:
                 load_in_8bit = quantization_config is None and not needs_full_gradients

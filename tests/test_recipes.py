@@ -240,3 +240,8 @@ def test_dora_is_refused_for_the_lora_criterion(tmp_path):
 def test_sharded_training_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="training.fsdp: sharded training is not supported.*docs/distributed.md"):
         load_recipe(_write(tmp_path, BASE), ["training.fsdp=full_shard"])
+
+
+def test_unknown_criterion_is_refused_with_the_available_ones(tmp_path):
+    with pytest.raises(RecipeError, match="pruning.importance: importance='lora2': unknown criterion; available: .*lora"):
+        load_recipe(_write(tmp_path, BASE), ["pruning.importance=lora2"])
