@@ -142,8 +142,10 @@ def _global_plans(
             plan, layer = plans[index], by_index[index]
             count = plan.head_units if kind == "heads" else plan.channels
             limit = _max_head_units(layer, config) if kind == "heads" else _max_channels(layer, config)
-            # `rank == count`: units of a layer go in score order; the budget is met to within half a unit.
-            if rank != count or count >= limit or removed + cost > budget + cost / 2:
+            # `rank == count`: units of a layer go in score order. A coarse head unit never overshoots
+            # the budget; the fine channels then meet it to within half a channel.
+            slack = cost / 2 if kind == "channels" else 0
+            if rank != count or count >= limit or removed + cost > budget + slack:
                 continue
             if kind == "heads":
                 plan.head_units += 1

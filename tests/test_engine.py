@@ -243,3 +243,24 @@ def test_config_errors(kwargs, message):
 def test_unknown_criterion_lists_the_valid_ones():
     with pytest.raises(ValueError, match="importance=.foo.: unknown criterion; available: .*lora.*magnitude"):
         prune_model(tiny_model("llama"), PruningConfig(importance="foo"))
+
+
+def test_global_allocation_respects_floors_and_the_exact_target():
+    model = tiny_model("llama", num_hidden_layers=6)
+    config = PruningConfig(target_sparsity=0.35, importance="magnitude", ranking="global", protected_layers=(0,),
+                           min_channels=40, min_heads=4, normalize="none")
+    structure = discover(model, protected_layers=config.protected_layers)
+    prunable = structure.prunable_params()
+    # make layer 3 much less important, so a global ranking takes more from it
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.01)
+    accumulator = ScoreAccumulator(normalize=False)
+    score_model(structure, get_importance("magnitude"), accumulator)
+    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    removed = removed_params(structure, masks)
+    assert abs(removed - 0.35 * prunable) <= 3 * 64  # within one channel
+    kept_channels = {i: int(masks[i].channels.sum()) for i in range(1, 6)}
+    assert all(kept >= 40 for kept in kept_channels.values())
+    assert kept_channels[3] == min(kept_channels.values()) == 40  # the floor binds where scores are lowest
+    assert all(int(masks[i].heads.sum()) >= 4 for i in range(1, 6))
+    assert masks[0].heads.all() and masks[0].channels.all()
