@@ -222,6 +222,7 @@ class PruningCallback(TrainerCallback):
         if self.structure is not None and not self.physically_pruned and self.masks is not None:
             if state.global_step >= self.schedule.last_step and not self.masks.is_full():
                 self._remove_physically(optimizer, state)
+        self._release_criterion()
         if self.hooks is not None:
             self.hooks.remove()
 
@@ -277,7 +278,13 @@ class PruningCallback(TrainerCallback):
         )
         self.history.append({"step": step, "event": "masks_updated", **report.as_dict()})
 
+    def _release_criterion(self) -> None:
+        # Hook-based criteria (activation statistics) stop recording once scoring is over.
+        if hasattr(self.criterion, "release"):
+            self.criterion.release()
+
     def _remove_physically(self, optimizer, state) -> None:
+        self._release_criterion()
         self.hooks.remove()
         records = remove_pruned_groups(self.structure, self.masks)
         sliced = slice_optimizer_state(optimizer, records) if optimizer is not None else 0
