@@ -77,6 +77,8 @@ class Settings:
     sparsities: tuple = (0.2, 0.5)
     methods: tuple = HFPRUNE_METHODS + (PEER,)
     channels_only_lora_at: tuple = (0.5,)
+    # `lora` again with other seeds (LoRA initialisation, data order, dropout): the noise of one run.
+    extra_lora_seeds: tuple = (1,)
     lora_r: int = 8
     seed: int = 0
 
@@ -204,8 +206,8 @@ def _callbacks(tokenizer, data: Data, settings: Settings, result: RunResult):
 
 
 def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, method: str, sparsity: float,
-                channels_only: bool, workdir: Path) -> RunResult:
-    from transformers import AutoModelForCausalLM
+                channels_only: bool, workdir: Path, seed: Optional[int] = None) -> RunResult:
+    from transformers import AutoModelForCausalLM, set_seed
 
     from hfprune import PruningConfig, PruningTrainer
     from hfprune.allocation import count_parameters
@@ -213,6 +215,9 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, method: st
     eight_bit = method == "lora"
     structures = ("channels",) if channels_only else ("heads", "channels")
     label = f"{method}-channels" if channels_only else method
+    if seed is not None and seed != settings.seed:
+        label += f"-seed{seed}"
+        settings = Settings(**{**asdict(settings), "seed": seed})
     result = RunResult(label=label, method=method, sparsity=sparsity,
                        base="8-bit (bitsandbytes)" if eight_bit else "fp32", structures="+".join(structures))
     start = time.perf_counter()
@@ -220,6 +225,9 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, method: st
     config = PruningConfig(target_sparsity=sparsity, importance=method, structures=structures,
                            pruning_steps=settings.pruning_steps, prune_every=settings.prune_every, seed=settings.seed)
     at_removal, timer = _callbacks(tokenizer, data, settings, result)
+    # The LoRA adapters are initialised before the Trainer seeds anything: seed here, so every run
+    # starts from the same adapters whatever ran before it in this process.
+    set_seed(settings.seed)
     trainer = PruningTrainer(
         model=model, args=training_args(settings, str(workdir / "trainer"), settings.pruning_steps + settings.recovery_steps),
         pruning_config=config, peft_config=common.lora_config(settings.lora_r), train_dataset=data.train,
@@ -317,7 +325,7 @@ def run_torch_pruning(path: str, tokenizer, data: Data, settings: Settings, spar
     import torch
     import torch_pruning as tp
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from hfprune.allocation import count_parameters
     from hfprune.structure import default_protected_layers
@@ -357,6 +365,7 @@ def run_torch_pruning(path: str, tokenizer, data: Data, settings: Settings, spar
     result.kv_heads = kv_heads_summary(model)
     result.after_pruning = evaluate(model, tokenizer, data, settings)
 
+    set_seed(settings.seed)  # the same adapters as every hfprune run
     model = get_peft_model(model, common.lora_config(settings.lora_r))
     _, timer = _callbacks(tokenizer, data, settings, result)
     trainer = Trainer(
@@ -397,18 +406,19 @@ def _ppl(results: dict, label: str, sparsity: float, stage: str, dataset: str) -
     return getattr(run, stage).get(dataset)
 
 
-def targets(results: dict, settings: Settings) -> list[tuple[str, str, str]]:
+def targets(results: dict, settings: Settings, lora_label: str = "lora") -> list[tuple[str, str, str]]:
     """(target, measured, met?) rows, on perplexity after recovery, on both evaluation sets."""
     rows = []
-    checks = [(f"lora beats {other} at every sparsity", other, settings.sparsities, 1.0)
+    name = "lora" if lora_label == "lora" else f"lora ({lora_label[len('lora-'):]})"
+    checks = [(f"{name} beats {other} at every sparsity", other, settings.sparsities, 1.0)
               for other in ("magnitude", "random", PEER)]
-    checks += [("lora within 5% of (or better than) taylor at 20%", "taylor", (0.2,), 1.05),
-               ("lora better than taylor at 50%", "taylor", (0.5,), 1.0)]
+    checks += [(f"{name} within 5% of (or better than) taylor at 20%", "taylor", (0.2,), 1.05),
+               (f"{name} better than taylor at 50%", "taylor", (0.5,), 1.0)]
     for target, other, sparsities, slack in checks:
         values = []
         for sparsity in sparsities:
             for dataset in ("wiki", "c4"):
-                lora = _ppl(results, "lora", sparsity, "after_recovery", dataset)
+                lora = _ppl(results, lora_label, sparsity, "after_recovery", dataset)
                 theirs = _ppl(results, other, sparsity, "after_recovery", dataset)
                 if lora is not None and theirs is not None:
                     values.append((dataset, sparsity, lora, theirs))
@@ -435,7 +445,8 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
         f"({s.pruning_steps} pruning + {s.recovery_steps} recovery for hfprune's progressive runs; "
         f"Torch-Pruning: one shot from {s.pruning_steps} calibration batches, then {steps} recovery steps), "
         f"LoRA r={s.lora_r} on all 7 projections, AdamW lr {s.learning_rate}, linear decay, "
-        f"{s.warmup_steps} warm-up step, seed {s.seed}. hfprune: default `PruningConfig` structures "
+        f"{s.warmup_steps} warm-up step, seed {s.seed} for every run (set before the adapters are created, so "
+        f"every method starts from the same LoRA initialisation; `lora-seed1` repeats `lora` with seed 1). hfprune: default `PruningConfig` structures "
         "(`heads`+`channels`, KV-group granularity, local ranking, first 10% of layers and the last protected), "
         f"cubic schedule, masks updated every {s.prune_every} steps. Sparsity = fraction of the prunable "
         "decoder parameters removed.",
@@ -462,6 +473,13 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
     lines += [common.table(headers, rows, align="lllrrrrrrr"), ""]
     lines += ["## Targets (perplexity after recovery, lower is better)", ""]
     lines += [common.table(["target", "measured (lora vs other)", "result"], targets(results, settings), "lll"), ""]
+    for seed in settings.extra_lora_seeds:
+        label = f"lora-seed{seed}"
+        if any(run.label == label for run in results.values()):
+            lines += [f"The same targets for `lora` run with seed {seed} (another LoRA initialisation, data order "
+                      "and dropout; every other method keeps seed " f"{settings.seed}): the run-to-run noise at this budget.",
+                      "", common.table(["target", "measured (lora vs other)", "result"],
+                                       targets(results, settings, label), "lll"), ""]
     lines += ["## Notes", ""]
     notes = [
         "`lora` scores from LoRA gradients on the frozen 8-bit base: it never computes a full weight gradient. "
@@ -493,13 +511,16 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
 # ---------------------------------------------------------------- main
 
 
-def plan(settings: Settings) -> list[tuple[str, float, bool]]:
-    runs = [("dense", 0.0, False)]
+def plan(settings: Settings) -> list[tuple[str, float, bool, int]]:
+    """(method, sparsity, channels only, seed) of every run, in order."""
+    runs = [("dense", 0.0, False, settings.seed)]
     for sparsity in settings.sparsities:
         for method in settings.methods:
-            runs.append((method, sparsity, False))
+            runs.append((method, sparsity, False, settings.seed))
         if "lora" in settings.methods and any(math.isclose(sparsity, s) for s in settings.channels_only_lora_at):
-            runs.append(("lora", sparsity, True))
+            runs.append(("lora", sparsity, True, settings.seed))
+        if "lora" in settings.methods:
+            runs += [("lora", sparsity, False, seed) for seed in settings.extra_lora_seeds]
     return runs
 
 
@@ -560,8 +581,8 @@ def main(argv=None) -> int:
                 marker.write_text(json.dumps({"error": extra["tp_head_error"]}))
             print(f"torch-pruning head pruning: {extra['tp_head_error'] or 'no error'}", file=sys.stderr)
         results: dict[str, RunResult] = {}
-        for method, sparsity, channels_only in plan(settings):
-            key = f"{method}{'-channels' if channels_only else ''}@{sparsity}"
+        for method, sparsity, channels_only, seed in plan(settings):
+            key = f"{method}{'-channels' if channels_only else ''}{'' if seed == settings.seed else f'-seed{seed}'}@{sparsity}"
             cached = cache / f"{key}.json"
             if cached.exists():
                 stored = json.loads(cached.read_text())
@@ -577,7 +598,7 @@ def main(argv=None) -> int:
             elif method == PEER:
                 run = run_torch_pruning(path, tokenizer, data, settings, sparsity, workdir)
             else:
-                run = run_hfprune(path, tokenizer, data, settings, method, sparsity, channels_only, workdir)
+                run = run_hfprune(path, tokenizer, data, settings, method, sparsity, channels_only, workdir, seed)
             results[key] = run
             cached.write_text(json.dumps({**asdict(run), "_settings": settings_key}, indent=1))
             print(f"{key}: after pruning {run.after_pruning}, after recovery {run.after_recovery}, "
@@ -588,7 +609,9 @@ def main(argv=None) -> int:
         markdown = report(results, settings, info, extra, args.smoke)
         data_out = {"settings": asdict(settings), "machine": info, "extra": extra,
                     "runs": {k: asdict(v) for k, v in results.items()},
-                    "targets": targets(results, settings)}
+                    "targets": targets(results, settings),
+                    "targets_other_seeds": {seed: targets(results, settings, f"lora-seed{seed}")
+                                            for seed in settings.extra_lora_seeds}}
         common.write_outputs(out, NAME, markdown, data_out)
         print(markdown)
         if not args.keep_cache:
