@@ -184,7 +184,8 @@ class PruningCallback(TrainerCallback):
             self.structure = discover_for_config(model, self.config)
         if self.masks is None or set(self.masks.layers) != {l.index for l in self.structure}:
             self.masks = PruningMasks.full(self.structure)
-        self.criterion.prepare(model, self.structure.prunable_layers)
+        if self._scoring(state.global_step):
+            self.criterion.prepare(model, self.structure.prunable_layers)
         self.hooks = MaskHooks(self.structure, self.masks)
         self._log_event("pruning_started" if state.global_step == 0 else "pruning_resumed", state)
 
@@ -211,6 +212,9 @@ class PruningCallback(TrainerCallback):
         if step <= self.schedule.total_steps and self.schedule.is_update_step(step):
             self._update_masks(step)
             control.should_log = True
+        if step == self.schedule.last_step:
+            # Scoring is over: criteria stop recording, weight-gradient criteria freeze the base again.
+            self._release_criterion()
         if step == self.schedule.total_steps:
             if self.config.physical_removal == "after_pruning" and self.allow_physical_removal:
                 self._remove_physically(optimizer, state)
@@ -279,7 +283,7 @@ class PruningCallback(TrainerCallback):
         self.history.append({"step": step, "event": "masks_updated", **report.as_dict()})
 
     def _release_criterion(self) -> None:
-        # Hook-based criteria (activation statistics) stop recording once scoring is over.
+        # Hook-based criteria stop recording and weight-gradient criteria re-freeze the base once scoring is over.
         if hasattr(self.criterion, "release"):
             self.criterion.release()
 

@@ -101,6 +101,36 @@ def test_sft_trainer_with_pruning_callback(tmp_path):
     assert any("pruning/sparsity" in e for e in trainer.state.log_history)
 
 
+@pytest.mark.parametrize("importance", ["taylor", "taylor2"])
+def test_weight_gradient_criteria_refreeze_the_base_when_scoring_ends(tmp_path, importance):
+    """Full weight gradients are needed while scoring only: recovery trains LoRA alone, on the sliced model
+    (taylor2's Fisher accumulator, still fed in the cool-down, once crashed there on the old shapes)."""
+    from peft import LoraConfig
+
+    from hfprune.structure import base_layer
+
+    # masks final at step 3, two cool-down steps, weights sliced at step 5, two recovery steps
+    config = PruningConfig(target_sparsity=0.4, importance=importance, pruning_steps=5, cooldown_ratio=0.4,
+                           warmup_ratio=0.2, prune_every=1, protected_layers=(0,))
+    trainer = PruningTrainer(
+        model=tiny_model("llama"), args=_args(tmp_path, max_steps=7), pruning_config=config,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        train_dataset=datasets.Dataset.from_list(alpaca_records(32)), processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    callback = trainer.pruning_callback
+    assert callback.physically_pruned
+    removal_step = next(e["step"] for e in callback.history if e["event"] == "physical_removal")
+    assert removal_step == 5 and trainer.state.global_step == 7
+    projections = [base_layer(layer.projection(role)) for layer in callback.structure.layers
+                   for role in ("q_proj", "o_proj", "down_proj")]
+    assert projections and all(not m.weight.requires_grad and m.weight.grad is None for m in projections)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    if importance == "taylor2":
+        assert not callback.criterion._handles and not callback.criterion._squares
+
+
 def test_full_gradient_criterion_on_8bit_base_is_refused(tmp_path):
     save_tiny("llama", tmp_path / "base")
     with pytest.raises(ValueError, match="importance='taylor' needs full weight gradients"):

@@ -23,7 +23,8 @@ from .base import ROLES, ImportanceCriterion, register_importance
 from .weights import effective_weight, weight_gradient
 
 
-def _unfreeze_base_weights(criterion_name: str, layers) -> list[torch.nn.Parameter]:
+def _unfreeze_base_weights(criterion_name: str, layers) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Make the projections of `layers` require gradients: (every weight, those this call unfroze)."""
     params = []
     for layer in layers:
         for role, _, _ in ROLES:
@@ -35,18 +36,32 @@ def _unfreeze_base_weights(criterion_name: str, layers) -> list[torch.nn.Paramet
                     "from LoRA gradients"
                 )
             params.append(weight)
-    for weight in params:
+    unfrozen = [weight for weight in params if not weight.requires_grad]
+    for weight in unfrozen:
         weight.requires_grad_(True)
-    return params
+    return params, unfrozen
 
 
 @register_importance("taylor")
 class TaylorImportance(ImportanceCriterion):
+    """`prepare` unfreezes the base projections; `release` freezes again those it unfroze, so recovery
+    training does not pay for full weight gradients it no longer needs (weights a user trains stay trainable)."""
+
     name = "taylor"
     needs = "weight_gradients"
 
+    def __init__(self):
+        self._unfrozen: list[torch.nn.Parameter] = []
+
     def prepare(self, model, layers) -> None:
-        _unfreeze_base_weights(self.name, layers)
+        self.release()
+        _, self._unfrozen = _unfreeze_base_weights(self.name, layers)
+
+    def release(self) -> None:
+        for weight in self._unfrozen:
+            weight.requires_grad_(False)
+            weight.grad = None
+        self._unfrozen = []
 
     def element_importance(self, module, rows) -> Optional[torch.Tensor]:
         grad = weight_gradient(module, rows)
@@ -56,17 +71,27 @@ class TaylorImportance(ImportanceCriterion):
 
 
 @register_importance("taylor2")
-class SecondOrderTaylorImportance(ImportanceCriterion):
+class SecondOrderTaylorImportance(TaylorImportance):
     name = "taylor2"
-    needs = "weight_gradients"
 
     def __init__(self):
+        super().__init__()
         self._squares: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
+        self._handles: list = []
 
     def prepare(self, model, layers) -> None:
-        for weight in _unfreeze_base_weights(self.name, layers):
-            weight.register_hook(self._accumulate_square(weight))
+        self.release()
+        weights, self._unfrozen = _unfreeze_base_weights(self.name, layers)
+        self._handles = [weight.register_hook(self._accumulate_square(weight)) for weight in weights]
+
+    def release(self) -> None:
+        super().release()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._squares.clear()
+        self._counts.clear()
 
     def _accumulate_square(self, weight):
         key = id(weight)
