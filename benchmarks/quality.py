@@ -36,6 +36,11 @@ Protocol (the full-mode defaults; every number is an option):
   rest of its parameter budget. At 20% that is no KV group (MLP channels only); at 50% one
   KV group (a third of the layer's attention) per layer. `lora-channels` is the
   channels-only variant at 50%.
+* Issue #7's comparisons (`--ablations`), each changing one thing against `lora`:
+  `lora-kd` (free-teacher distillation, masks kept to the end so the dense teacher lasts
+  through recovery), `lora-global` (global ranking), `activation_taylor` and `flap`
+  (8-bit base, no weight gradient). Finished runs are cached in `--cache`: adding
+  sparsities, methods or ablations reruns only what is new.
 """
 
 from __future__ import annotations
@@ -59,6 +64,44 @@ import common  # noqa: E402
 NAME = "quality"
 HFPRUNE_METHODS = ("lora", "taylor", "taylor2", "magnitude", "random")
 PEER = "torch-pruning"
+# Criteria that never need a full weight gradient run on the 8-bit base, as a user would run them.
+EIGHT_BIT_METHODS = ("lora", "activation_taylor", "activation_taylor_sq", "activation", "flap")
+# Settings fields that choose which runs happen, not how a run goes: a finished run stays valid when they change.
+SELECTION_FIELDS = ("sparsities", "methods", "channels_only_lora_at", "extra_lora_seeds", "ablations", "ablations_at")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a criterion (or "dense" / the peer) at a sparsity, with its variations."""
+
+    method: str
+    sparsity: float
+    channels_only: bool = False
+    ranking: str = "local"
+    distill: bool = False  # free-teacher distillation, masks kept to the end so the teacher lasts
+    seed: Optional[int] = None  # None: Settings.seed
+
+    @property
+    def label(self) -> str:
+        label = self.method + ("-channels" if self.channels_only else "")
+        label += "-global" if self.ranking == "global" else ""
+        label += "-kd" if self.distill else ""
+        return label + (f"-seed{self.seed}" if self.seed is not None else "")
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}@{self.sparsity}"
+
+
+# name in Settings.ablations -> the run it stands for
+ABLATIONS = {
+    "lora-kd": dict(method="lora", distill=True),
+    "lora-global": dict(method="lora", ranking="global"),
+    "activation_taylor": dict(method="activation_taylor"),
+    "activation_taylor_sq": dict(method="activation_taylor_sq"),
+    "flap": dict(method="flap"),
+    "activation": dict(method="activation"),
+}
 
 
 @dataclass
@@ -79,6 +122,9 @@ class Settings:
     channels_only_lora_at: tuple = (0.5,)
     # `lora` again with other seeds (LoRA initialisation, data order, dropout): the noise of one run.
     extra_lora_seeds: tuple = (1,)
+    # Issue #7's comparisons, each against `lora` (see ABLATIONS), at these sparsities.
+    ablations: tuple = ("lora-kd", "lora-global", "activation_taylor", "flap")
+    ablations_at: tuple = (0.2, 0.5)
     lora_r: int = 8
     seed: int = 0
 
@@ -187,12 +233,16 @@ def _callbacks(tokenizer, data: Data, settings: Settings, result: RunResult):
     from transformers import TrainerCallback
 
     class AtRemoval(TrainerCallback):
-        """Perplexity once, at the first step after the weights were sliced."""
+        """Perplexity once, at the first step after the pruning stage (weights sliced, or masks final when
+        they are kept to the end: the masked model computes exactly what the sliced one does)."""
 
         pruning_callback = None
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if not result.after_pruning and self.pruning_callback is not None and self.pruning_callback.physically_pruned:
+            callback = self.pruning_callback
+            if result.after_pruning or callback is None:
+                return
+            if callback.physically_pruned or state.global_step >= callback.schedule.total_steps:
                 result.after_pruning = evaluate(model, tokenizer, data, settings)
 
     class StepTimer(TrainerCallback):
@@ -205,25 +255,23 @@ def _callbacks(tokenizer, data: Data, settings: Settings, result: RunResult):
     return AtRemoval(), StepTimer()
 
 
-def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, method: str, sparsity: float,
-                channels_only: bool, workdir: Path, seed: Optional[int] = None) -> RunResult:
+def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, spec: RunSpec, workdir: Path) -> RunResult:
     from transformers import AutoModelForCausalLM, set_seed
 
-    from hfprune import PruningConfig, PruningTrainer
+    from hfprune import DistillationConfig, PruningConfig, PruningTrainer
     from hfprune.allocation import count_parameters
 
-    eight_bit = method == "lora"
-    structures = ("channels",) if channels_only else ("heads", "channels")
-    label = f"{method}-channels" if channels_only else method
-    if seed is not None and seed != settings.seed:
-        label += f"-seed{seed}"
-        settings = Settings(**{**asdict(settings), "seed": seed})
-    result = RunResult(label=label, method=method, sparsity=sparsity,
+    eight_bit = spec.method in EIGHT_BIT_METHODS
+    structures = ("channels",) if spec.channels_only else ("heads", "channels")
+    if spec.seed is not None:
+        settings = Settings(**{**asdict(settings), "seed": spec.seed})
+    result = RunResult(label=spec.label, method=spec.method, sparsity=spec.sparsity,
                        base="8-bit (bitsandbytes)" if eight_bit else "fp32", structures="+".join(structures))
     start = time.perf_counter()
     model = common.load_causal_lm(path, eight_bit=eight_bit)
-    config = PruningConfig(target_sparsity=sparsity, importance=method, structures=structures,
-                           pruning_steps=settings.pruning_steps, prune_every=settings.prune_every, seed=settings.seed)
+    config = PruningConfig(target_sparsity=spec.sparsity, importance=spec.method, structures=structures,
+                           ranking=spec.ranking, pruning_steps=settings.pruning_steps, prune_every=settings.prune_every,
+                           physical_removal="at_end" if spec.distill else "after_pruning", seed=settings.seed)
     at_removal, timer = _callbacks(tokenizer, data, settings, result)
     # The LoRA adapters are initialised before the Trainer seeds anything: seed here, so every run
     # starts from the same adapters whatever ran before it in this process.
@@ -232,6 +280,7 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, method: st
         model=model, args=training_args(settings, str(workdir / "trainer"), settings.pruning_steps + settings.recovery_steps),
         pruning_config=config, peft_config=common.lora_config(settings.lora_r), train_dataset=data.train,
         processing_class=tokenizer, max_length=settings.seq_len, callbacks=[at_removal, timer],
+        distillation=DistillationConfig() if spec.distill else None,
     )
     at_removal.pruning_callback = trainer.pruning_callback
     trainer.train()
@@ -431,6 +480,54 @@ def targets(results: dict, settings: Settings, lora_label: str = "lora") -> list
     return rows
 
 
+ABLATION_GROUPS = (
+    ("distillation", ("lora", "lora-kd")),
+    ("allocation", ("lora", "lora-global")),
+    ("criterion", ("lora", "activation_taylor", "activation_taylor_sq", "activation", "flap", "taylor")),
+)
+SMALL_BUDGET_TARGETS = {0.2: 1.6, 0.5: 3.5}  # issue #7: perplexity after recovery within this factor of dense
+
+
+def ablation_rows(results: dict, settings: Settings) -> list[list[str]]:
+    """Issue #7's comparisons: one row per run, grouped, with perplexity relative to dense and step times."""
+    dense = results.get("dense@0.0")
+    rows = []
+    for sparsity in settings.ablations_at:
+        for group, labels in ABLATION_GROUPS:
+            for label in labels:
+                run = results.get(f"{label}@{sparsity}")
+                if run is None:
+                    continue
+                ratios = ["-", "-"]
+                if dense is not None and run.after_recovery:
+                    ratios = [f"{run.after_recovery[d] / dense.after_recovery[d]:.2f}x" for d in ("wiki", "c4")]
+                pruning_stage = run.step_seconds[: settings.pruning_steps]
+                rows.append([group, f"{int(round(sparsity * 100))}%", label,
+                             common.fmt(run.after_pruning.get("wiki")), common.fmt(run.after_pruning.get("c4")),
+                             common.fmt(run.after_recovery.get("wiki")), common.fmt(run.after_recovery.get("c4")),
+                             *ratios, common.fmt(common.median(pruning_stage), 1) if pruning_stage else "-"])
+    return rows
+
+
+def small_budget_targets(results: dict) -> list[tuple[str, str, str]]:
+    """Issue #7's targets: the best run's perplexity after recovery against dense, on both sets."""
+    dense = results.get("dense@0.0")
+    rows = []
+    for sparsity, factor in SMALL_BUDGET_TARGETS.items():
+        runs = [r for r in results.values() if r.method != "dense" and math.isclose(r.sparsity, sparsity)
+                and r.after_recovery]
+        if dense is None or not runs:
+            rows.append((f"{int(sparsity * 100)}%: within {factor}x of dense", "not measured", "n/a"))
+            continue
+        ratio = lambda r: max(r.after_recovery[d] / dense.after_recovery[d] for d in ("wiki", "c4"))  # noqa: E731
+        best = min(runs, key=ratio)
+        measured = (f"best: {best.label}, wiki {best.after_recovery['wiki'] / dense.after_recovery['wiki']:.2f}x, "
+                    f"C4 {best.after_recovery['c4'] / dense.after_recovery['c4']:.2f}x")
+        rows.append((f"{int(sparsity * 100)}%: within {factor}x of dense", measured,
+                     "met" if ratio(best) <= factor else "**missed**"))
+    return rows
+
+
 def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bool) -> str:
     model = "tiny random Llama (smoke test: numbers mean nothing)" if smoke else "SmolLM2-135M-Instruct"
     s = settings
@@ -480,6 +577,22 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
                       "and dropout; every other method keeps seed " f"{settings.seed}): the run-to-run noise at this budget.",
                       "", common.table(["target", "measured (lora vs other)", "result"],
                                        targets(results, settings, label), "lll"), ""]
+    ablations = ablation_rows(results, settings)
+    if ablations:
+        lines += [
+            "## Distillation, allocation and criteria (issue #7)", "",
+            "Each variation changes one thing against `lora` (8-bit base, local ranking, plain recovery), with the "
+            "same steps and batches. `lora-kd`: free-teacher distillation (`DistillationConfig()`: alpha 0.5, T 2, "
+            "KL on the labelled tokens) with the masks kept to the end (`physical_removal=\"at_end\"`) so the dense "
+            "teacher lasts through recovery; `lora-global`: `ranking=\"global\"` (score per parameter across layers, "
+            "per-layer floors); `activation_taylor`/`flap`: the activation-gradient and forward-only criteria, on the "
+            "8-bit base. x dense = perplexity after recovery over the dense model's. s/step = median step time over "
+            "the pruning stage (masked model, the teacher's extra forward included for `lora-kd`).", "",
+            common.table(["compares", "sparsity", "run", "wiki after pruning", "C4 after pruning",
+                          "wiki after recovery", "C4 after recovery", "wiki x dense", "C4 x dense", "s/step"],
+                         ablations, "lllrrrrrrr"), "",
+            common.table(["target (issue #7)", "measured", "result"], small_budget_targets(results), "lll"), "",
+        ]
     lines += ["## Notes", ""]
     notes = [
         "`lora` scores from LoRA gradients on the frozen 8-bit base: it never computes a full weight gradient. "
@@ -487,9 +600,10 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
         "After pruning = when the weights are sliced at the end of the pruning stage; the adapters have "
         "trained for that stage on the masked model (progressive runs). Torch-Pruning: right after its one-shot "
         "pruning, before any training.",
-        "`lora` after recovery is evaluated on the exported checkpoint (LoRA merged into the original "
-        "full-precision weights); its after-pruning value is the in-memory 8-bit model. The other methods are "
-        "evaluated in memory (fp32 base + LoRA, identical to the merged weights).",
+        "Runs on the 8-bit base (`lora` and its variations, the activation criteria) are evaluated after recovery "
+        "on the exported checkpoint (LoRA merged into the original full-precision weights); their after-pruning "
+        "value is the in-memory 8-bit model. The fp32 runs are evaluated in memory (fp32 base + LoRA, identical "
+        "to the merged weights).",
         "Torch-Pruning 1.6.1 is compared pruning MLP channels only (attention projections in `ignored_layers`), "
         "as DESIGN.md prescribes: asked to remove heads of SmolLM2's grouped-query attention (query and key/value "
         "head counts, `prune_num_heads=True`, as in its LLM example; MLPs and the residual stream ignored) it "
@@ -511,17 +625,24 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
 # ---------------------------------------------------------------- main
 
 
-def plan(settings: Settings) -> list[tuple[str, float, bool, int]]:
-    """(method, sparsity, channels only, seed) of every run, in order."""
-    runs = [("dense", 0.0, False, settings.seed)]
+def plan(settings: Settings) -> list[RunSpec]:
+    """Every run, in order: dense, each method at each sparsity, then the variations of `lora`."""
+    runs = [RunSpec("dense", 0.0)]
     for sparsity in settings.sparsities:
-        for method in settings.methods:
-            runs.append((method, sparsity, False, settings.seed))
+        runs += [RunSpec(method, sparsity) for method in settings.methods]
         if "lora" in settings.methods and any(math.isclose(sparsity, s) for s in settings.channels_only_lora_at):
-            runs.append(("lora", sparsity, True, settings.seed))
+            runs.append(RunSpec("lora", sparsity, channels_only=True))
         if "lora" in settings.methods:
-            runs += [("lora", sparsity, False, seed) for seed in settings.extra_lora_seeds]
+            runs += [RunSpec("lora", sparsity, seed=seed) for seed in settings.extra_lora_seeds if seed != settings.seed]
+        if any(math.isclose(sparsity, s) for s in settings.ablations_at):
+            runs += [RunSpec(sparsity=sparsity, **ABLATIONS[name]) for name in settings.ablations]
     return runs
+
+
+def run_settings(settings: Settings) -> dict:
+    """The settings a finished run depends on (JSON types), for the resumable cache."""
+    values = json.loads(json.dumps(asdict(settings), default=str))
+    return {k: v for k, v in values.items() if k not in SELECTION_FIELDS}
 
 
 def main(argv=None) -> int:
@@ -532,6 +653,8 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--sparsities", type=float, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=None, choices=list(HFPRUNE_METHODS) + [PEER])
+    p.add_argument("--ablations", nargs="*", default=None, choices=list(ABLATIONS),
+                   help="variations compared with lora (issue #7); none: skip them")
     p.add_argument("--cache", default=None, help="directory of finished runs (resumable); default <out>/.cache-quality")
     p.add_argument("--keep-cache", action="store_true")
     p.add_argument("--tp-head-probe", metavar="CHECKPOINT", help=argparse.SUPPRESS)
@@ -554,6 +677,8 @@ def main(argv=None) -> int:
         overrides["sparsities"] = tuple(args.sparsities)
     if args.methods:
         overrides["methods"] = tuple(args.methods)
+    if args.ablations is not None:
+        overrides["ablations"] = tuple(args.ablations)
     settings = Settings(**{**asdict(settings), **overrides})
 
     from transformers import AutoTokenizer
@@ -568,7 +693,7 @@ def main(argv=None) -> int:
         data = Data(tokenizer, settings, args.smoke)
         cache = Path(args.cache) if args.cache else out / ".cache-quality"
         cache.mkdir(parents=True, exist_ok=True)
-        settings_key = json.dumps(asdict(settings), sort_keys=True, default=str)
+        settings_key = run_settings(settings)
         extra = {}
         if PEER in settings.methods and args.smoke:
             extra["tp_head_error"] = "not probed in --smoke mode"
@@ -581,24 +706,27 @@ def main(argv=None) -> int:
                 marker.write_text(json.dumps({"error": extra["tp_head_error"]}))
             print(f"torch-pruning head pruning: {extra['tp_head_error'] or 'no error'}", file=sys.stderr)
         results: dict[str, RunResult] = {}
-        for method, sparsity, channels_only, seed in plan(settings):
-            key = f"{method}{'-channels' if channels_only else ''}{'' if seed == settings.seed else f'-seed{seed}'}@{sparsity}"
+        for spec in plan(settings):
+            key = spec.key
             cached = cache / f"{key}.json"
             if cached.exists():
                 stored = json.loads(cached.read_text())
-                if stored.pop("_settings", None) == settings_key:
+                stored_settings = stored.pop("_settings", None)
+                if isinstance(stored_settings, str):  # older caches stored the whole Settings as a string
+                    stored_settings = {k: v for k, v in json.loads(stored_settings).items() if k not in SELECTION_FIELDS}
+                if stored_settings == settings_key:
                     results[key] = RunResult(**stored)
                     print(f"{key}: cached", file=sys.stderr)
                     continue
             workdir = tmp / key
             workdir.mkdir()
             print(f"{key}: running", file=sys.stderr, flush=True)
-            if method == "dense":
+            if spec.method == "dense":
                 run = run_dense(path, tokenizer, data, settings)
-            elif method == PEER:
-                run = run_torch_pruning(path, tokenizer, data, settings, sparsity, workdir)
+            elif spec.method == PEER:
+                run = run_torch_pruning(path, tokenizer, data, settings, spec.sparsity, workdir)
             else:
-                run = run_hfprune(path, tokenizer, data, settings, method, sparsity, channels_only, workdir, seed)
+                run = run_hfprune(path, tokenizer, data, settings, spec, workdir)
             results[key] = run
             cached.write_text(json.dumps({**asdict(run), "_settings": settings_key}, indent=1))
             print(f"{key}: after pruning {run.after_pruning}, after recovery {run.after_recovery}, "
@@ -611,7 +739,8 @@ def main(argv=None) -> int:
                     "runs": {k: asdict(v) for k, v in results.items()},
                     "targets": targets(results, settings),
                     "targets_other_seeds": {seed: targets(results, settings, f"lora-seed{seed}")
-                                            for seed in settings.extra_lora_seeds}}
+                                            for seed in settings.extra_lora_seeds},
+                    "ablations": ablation_rows(results, settings)}
         common.write_outputs(out, NAME, markdown, data_out)
         print(markdown)
         if not args.keep_cache:

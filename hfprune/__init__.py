@@ -32,6 +32,7 @@ _EXPORTS = {
     "get_importance": "importance",
     "register_importance": "importance",
     "save_pruned": "export",
+    "DistillationConfig": "distill",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -183,6 +183,11 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
     parts = [p.select_columns([c for c in columns if c in p.column_names]) for p in parts]
     if len(parts) == 1:
         return parts[0], formats
+    if data["mixing"] == "phases":
+        # One source after the other (the sequential sampler keeps the order), each shuffled within itself.
+        seed = recipe.training.seed
+        log(f"  data.{split}: {len(parts)} phases of {', '.join(str(len(p)) for p in parts)} examples, in this order")
+        return datasets.concatenate_datasets([p.shuffle(seed=seed + i) for i, p in enumerate(parts)]), formats
     weights = [s["weight"] for s in data[split]]
     if weights[0] is None:
         return datasets.concatenate_datasets(parts), formats
@@ -298,6 +303,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         model_init_kwargs=init_kwargs,
         max_length=recipe.data["max_length"],
         train_on_prompt=recipe.data["train_on_prompt"],
+        distillation=recipe.distillation,
     )
     result = trainer.train(resume_from_checkpoint=inputs.resume_from_checkpoint)
     timings["train"] = time.perf_counter() - clock

@@ -27,6 +27,7 @@ documentation applies):
     lora: {r: 8, lora_alpha: 16, ...}   # peft.LoraConfig fields; target_modules defaults to all seven
                                         # projections, task_type to CAUSAL_LM
     pruning: {target_sparsity: 0.2, ...}# hfprune.PruningConfig fields
+    distillation: {alpha: 0.5, temperature: 2.0}  # hfprune.DistillationConfig fields (omit: plain loss)
     training: {output_dir: ..., ...}    # transformers.TrainingArguments fields
 
     data:
@@ -40,7 +41,8 @@ documentation applies):
       #    num_examples: 51760          #   planning hint for dry runs (the real count is read)
       eval: null                        # sources for the Trainer's eval loss (same forms)
       val_set_size: 0                   # or hold out this many training records instead
-      mixing: first_exhausted           # weighted mixing stops at the first (or all_exhausted) source
+      mixing: first_exhausted           # weighted mixing stops at the first (or all_exhausted) source;
+                                        # phases: each source in turn, shuffled within (C4, then instructions)
       max_length: 512                   # truncation, in tokens
       train_on_prompt: false            # also train on the prompt tokens of instruction records
 
@@ -78,12 +80,12 @@ from typing import Any, Optional, Union
 
 from .config import PruningConfig
 
-SECTIONS = ("model", "lora", "pruning", "data", "training", "export", "eval", "hub")
+SECTIONS = ("model", "lora", "pruning", "distillation", "data", "training", "export", "eval", "hub")
 TOP_LEVEL = ("name", "description") + SECTIONS
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
 LORA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-MIXING = ("first_exhausted", "all_exhausted")
+MIXING = ("first_exhausted", "all_exhausted", "phases")
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -125,7 +127,8 @@ DATA_KEYS = {
     "train": Key((str, list, dict, type(None)), None, f"training data: {_SOURCE}"),
     "eval": Key((str, list, dict, type(None)), None, f"evaluation-loss data: {_SOURCE}"),
     "val_set_size": Key((int,), 0, "hold out this many training records as evaluation data"),
-    "mixing": Key((str,), "first_exhausted", "weighted mixing stops when the first / all sources run out"),
+    "mixing": Key((str,), "first_exhausted",
+                  "weighted mixing stops when the first / all sources run out; phases: one source after the other"),
     "max_length": Key((int,), 512, "truncation length in tokens"),
     "train_on_prompt": Key((bool,), False, "also train on prompt tokens"),
     "num_proc": Key((int, type(None)), None, "processes for tokenisation"),
@@ -155,7 +158,8 @@ HUB_KEYS = {
     "private": Key((bool, type(None)), None, "create the repository private"),
     "token_env": Key((str, type(None)), None, "environment variable holding the token (default: the hub login)"),
 }
-OWNERS = {"pruning": "PruningConfig", "lora": "peft.LoraConfig", "training": "transformers.TrainingArguments"}
+OWNERS = {"pruning": "PruningConfig", "lora": "peft.LoraConfig", "training": "transformers.TrainingArguments",
+          "distillation": "DistillationConfig"}
 PLAIN_SECTIONS = {"model": MODEL_KEYS, "data": DATA_KEYS, "export": EXPORT_KEYS, "eval": EVAL_KEYS, "hub": HUB_KEYS}
 
 
@@ -167,6 +171,7 @@ class Recipe:
     pruning: PruningConfig
     training: Any  # transformers.TrainingArguments
     lora: Any = None  # peft.LoraConfig or None
+    distillation: Any = None  # hfprune.distill.DistillationConfig or None
     data: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)
     eval: Optional[dict] = None
@@ -190,6 +195,7 @@ class Recipe:
             "model": dict(self.model),
             "pruning": self.pruning.to_dict(),
             "lora": _lora_dict(self.lora),
+            "distillation": dataclasses.asdict(self.distillation) if self.distillation is not None else None,
             "training": training,
             "data": copy.deepcopy(self.data),
             "export": dict(self.export),
@@ -287,15 +293,23 @@ def build_recipe(raw: dict, *, where: str = "recipe", base: Optional[Path] = Non
 
     pruning = _dataclass_section(PruningConfig, sections["pruning"], where, "pruning")
     lora = _build_lora(sections["lora"], pruning, where, "lora" in raw and raw["lora"] is not None)
-    training_raw = dict(sections["training"])
-    training_raw.setdefault("output_dir", os.path.join("outputs", name, "trainer"))
-    training = _build_training(training_raw, where, check_device)
+    distillation = None
+    if raw.get("distillation") is not None:
+        from .distill import DistillationConfig
+
+        distillation = _dataclass_section(DistillationConfig, sections["distillation"], where, "distillation")
 
     data = _plain_section(sections["data"], DATA_KEYS, where, "data")
     for split in ("train", "eval"):
         data[split] = _sources(data[split], where, f"data.{split}", base)
     if data["mixing"] not in MIXING:
         raise RecipeError(f"{where}: data.mixing={data['mixing']!r}: must be one of {', '.join(MIXING)}")
+    training_raw = dict(sections["training"])
+    training_raw.setdefault("output_dir", os.path.join("outputs", name, "trainer"))
+    if data["mixing"] == "phases":
+        _check_phases(data, training_raw, where)
+        training_raw["train_sampling_strategy"] = "sequential"  # the phases' order is the training order
+    training = _build_training(training_raw, where, check_device)
     if data["max_length"] < 2:
         raise RecipeError(f"{where}: data.max_length={data['max_length']}: must be at least 2 tokens")
     if data["val_set_size"] < 0:
@@ -328,7 +342,7 @@ def build_recipe(raw: dict, *, where: str = "recipe", base: Optional[Path] = Non
     hub = _plain_section(sections["hub"], HUB_KEYS, where, "hub") if raw.get("hub") is not None else None
 
     recipe = Recipe(
-        model=model, pruning=pruning, training=training, lora=lora, data=data, export=export, eval=evaluation,
+        model=model, pruning=pruning, training=training, lora=lora, distillation=distillation, data=data, export=export, eval=evaluation,
         hub=hub, name=name, description=raw.get("description") or "", path=path, raw=raw,
     )
     check_consistency(recipe)
@@ -458,11 +472,31 @@ def _set_child(node, part, value, override: str = "") -> None:
         node[part] = value
 
 
+def _check_phases(data: dict, training_raw: dict, where: str) -> None:
+    """`mixing: phases` trains on each source in turn (LoRAShear's two-phase recovery: text, then instructions)."""
+    weighted = [i for i, source in enumerate(data["train"]) if source["weight"] is not None]
+    if weighted:
+        raise RecipeError(
+            f"{where}: data.train[{weighted[0]}].weight with data.mixing=phases: phases run one source after the "
+            "other, so weights mean nothing; size each phase with max_samples, or use mixing: first_exhausted"
+        )
+    strategy = training_raw.get("train_sampling_strategy", "random")
+    if strategy not in ("random", "sequential"):
+        raise RecipeError(
+            f"{where}: training.train_sampling_strategy={strategy!r} with data.mixing=phases: phases need the "
+            "sequential sampler (set automatically); remove the key or set it to sequential"
+        )
+
+
 def _section_keys(section: str) -> Optional[tuple[str, ...]]:
     if section in PLAIN_SECTIONS:
         return tuple(PLAIN_SECTIONS[section])
     if section == "pruning":
         return tuple(f.name for f in dataclasses.fields(PruningConfig))
+    if section == "distillation":
+        from .distill import DistillationConfig
+
+        return tuple(f.name for f in dataclasses.fields(DistillationConfig))
     if section == "lora":
         from peft import LoraConfig
 

@@ -111,6 +111,8 @@ class PruningTrainer(Trainer):
         self.pruning_config = pruning_config or PruningConfig()
         self.distillation = distillation
         self._warned_no_teacher = False
+        self._distill_sums: dict[str, float] = {}  # loss parts since the last log, as `distill/<part>` means
+        self._distill_count = 0
         from .prune import make_criterion
 
         needs_full_gradients = make_criterion(self.pruning_config).needs == "weight_gradients"
@@ -213,6 +215,9 @@ class PruningTrainer(Trainer):
         if self.pruning_callback.pending_logs:
             logs = {**logs, **self.pruning_callback.pending_logs}
             self.pruning_callback.pending_logs = {}
+        if self._distill_count and "loss" in logs:
+            logs = {**logs, **{f"distill/{k}": round(v / self._distill_count, 6) for k, v in self._distill_sums.items()}}
+            self._distill_sums, self._distill_count = {}, 0
         super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -229,6 +234,10 @@ class PruningTrainer(Trainer):
         # Hook-based criteria must not record the teacher's forward either.
         switches = [callback.hooks] + ([callback.criterion] if hasattr(callback.criterion, "enabled") else [])
         loss, outputs, parts = distillation_step(model, inputs, self.distillation, switches, num_items_in_batch)
+        for name in ("ce", "kl", "hidden"):
+            if name in parts:
+                self._distill_sums[name] = self._distill_sums.get(name, 0.0) + float(parts[name])
+        self._distill_count += 1
         return (loss, outputs) if return_outputs else loss
 
     def _export_dir(self) -> str:

@@ -245,3 +245,62 @@ def test_sharded_training_is_refused(tmp_path):
 def test_unknown_criterion_is_refused_with_the_available_ones(tmp_path):
     with pytest.raises(RecipeError, match="pruning.importance: importance='lora2': unknown criterion; available: .*lora"):
         load_recipe(_write(tmp_path, BASE), ["pruning.importance=lora2"])
+
+
+def test_distillation_section_builds_a_config(tmp_path):
+    from hfprune import DistillationConfig
+
+    recipe = load_recipe(_write(tmp_path, BASE + "distillation: {alpha: 0.7, temperature: 3, hidden_layers: [-1]}"))
+    assert recipe.distillation == DistillationConfig(alpha=0.7, temperature=3.0, hidden_layers=(-1,))
+    assert recipe.to_dict()["distillation"]["alpha"] == 0.7
+    assert load_recipe(_write(tmp_path, BASE)).distillation is None
+    with pytest.raises(RecipeError, match="did you mean 'distillation.alpha'"):
+        load_recipe(_write(tmp_path, BASE + "distillation: {alpah: 0.5}"))
+    with pytest.raises(RecipeError, match=r"distillation: alpha=1.5: must be in \[0, 1\]"):
+        load_recipe(_write(tmp_path, BASE), ["distillation.alpha=1.5"])
+
+
+def test_phases_train_on_one_source_after_the_other(tmp_path):
+    """mixing: phases (C4, then instructions): each source shuffled within itself, in order, read sequentially."""
+    import json
+
+    from transformers import Trainer
+
+    from hfprune.job import load_data
+
+    from .tiny_models import alpaca_records, tiny_model, tiny_tokenizer
+
+    (tmp_path / "text.txt").write_text("".join(f"{'x' * (5 + i)}\n" for i in range(12)))
+    records = alpaca_records(20)
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    text = BASE.replace("training: {max_steps: 10}", f"training: {{max_steps: 10, output_dir: {tmp_path / 'out'}}}")
+    recipe = load_recipe(_write(tmp_path, text + "data: {train: [text.txt, alpaca.json], mixing: phases}"))
+    assert recipe.training.train_sampling_strategy == "sequential"
+    tokenizer = tiny_tokenizer()
+    dataset, formats = load_data(recipe, "train", tokenizer, log=lambda message: None)
+    assert formats == ["text", "alpaca"] and len(dataset) == 32
+    x = tokenizer.convert_tokens_to_ids("x")
+    first = [set(row) - {tokenizer.eos_token_id} for row in dataset["input_ids"][:12]]
+    assert all(ids == {x} for ids in first)  # phase 1: the text lines, all of them first
+    lengths = [len(row) for row in dataset["input_ids"][:12]]
+    assert sorted(lengths) == sorted(set(lengths)) != lengths  # every line once, shuffled within the phase
+    assert all(x not in row or len(set(row)) > 2 for row in dataset["input_ids"][12:])  # phase 2: instructions
+    trainer = Trainer(model=tiny_model("llama"), args=recipe.training, train_dataset=dataset)
+    assert type(trainer._get_train_sampler()).__name__ == "SequentialSampler"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data: {train: [{path: a.txt, weight: 1}, {path: b.json, weight: 2}], mixing: phases}",
+         "data.train[0].weight with data.mixing=phases"),
+        ("data: {train: [a.txt, b.json], mixing: phases}\ntraining: {train_sampling_strategy: group_by_length}",
+         "training.train_sampling_strategy='group_by_length' with data.mixing=phases"),
+        ("data: {train: [a.txt, b.json], mixing: shuffled}", "must be one of first_exhausted, all_exhausted, phases"),
+    ],
+)
+def test_bad_phase_settings_are_refused(tmp_path, text, message):
+    import re
+
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(_write(tmp_path, BASE + text))

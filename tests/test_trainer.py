@@ -210,3 +210,9 @@ def test_distillation_from_the_free_dense_teacher(tmp_path, monkeypatch):
     assert trainer.pruning_callback.physically_pruned  # sliced once training ended
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
     assert abs(trainer.pruning_callback.sparsity().sparsity - 0.3) < 0.02
+    # the loss parts reach the logs (logging_steps=1: one step's parts per entry), and they add up to the loss
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 6 and all({"distill/ce", "distill/kl"} <= set(e) for e in logged)
+    for entry in logged:
+        expected = 0.5 * entry["distill/ce"] + 0.5 * 2.0**2 * entry["distill/kl"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
