@@ -156,6 +156,8 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
     for i, source in enumerate(data[split]):
         key = f"data.{split}[{i}]"
         raw = _load_source(source, key)
+        if source["skip_samples"]:
+            raw = raw.select(range(min(source["skip_samples"], len(raw)), len(raw)))
         if source["max_samples"] is not None:
             raw = raw.select(range(min(source["max_samples"], len(raw))))
         field_name = source["text_field"]

@@ -470,6 +470,7 @@ def count_examples(recipe) -> tuple[Optional[int], str]:
                 return None, (f"data source {source['path']!r} is on the hub: give it num_examples, or set "
                               "training.max_steps (or pass --steps)")
             count = _count_local_records(source["path"])
+        count = max(0, count - source["skip_samples"])
         if source["max_samples"] is not None:
             count = min(count, source["max_samples"])
         counts.append(count)

@@ -36,7 +36,8 @@ documentation applies):
       #    name: null                   #   hub config name
       #    split: train
       #    weight: 1.0                  #   mixing probability (relative); no weights: concatenation
-      #    max_samples: null            #   keep the first N records
+      #    skip_samples: 0              #   drop the first N records (held out for evaluation)
+      #    max_samples: null            #   keep the first N records (after skip_samples)
       #    text_field: text             #   column holding plain text (renamed to `text`)
       #    num_examples: 51760          #   planning hint for dry runs (the real count is read)
       eval: null                        # sources for the Trainer's eval loss (same forms)
@@ -119,7 +120,8 @@ SOURCE_KEYS = {
     "name": Key((str, type(None)), None, "hub data set config name"),
     "split": Key((str,), "train", "split to read"),
     "weight": Key((int, float, type(None)), None, "relative mixing probability"),
-    "max_samples": Key((int, type(None)), None, "keep the first N records"),
+    "skip_samples": Key((int,), 0, "drop the first N records (e.g. the ones an evaluation reads)"),
+    "max_samples": Key((int, type(None)), None, "keep the first N records (after skip_samples)"),
     "text_field": Key((str,), "text", "column holding plain text"),
     "num_examples": Key((int, type(None)), None, "record count, used by dry runs without the data"),
 }
@@ -802,6 +804,8 @@ def _sources(value, where: str, key: str, base: Path) -> list[dict]:
             raise RecipeError(f"{where}: {key}[{i}].weight={source['weight']}: must be > 0")
         if source["max_samples"] is not None and source["max_samples"] < 1:
             raise RecipeError(f"{where}: {key}[{i}].max_samples={source['max_samples']}: must be >= 1")
+        if source["skip_samples"] < 0:
+            raise RecipeError(f"{where}: {key}[{i}].skip_samples={source['skip_samples']}: must be >= 0")
         path = source["path"]
         if is_local_source(path) or (base / path).exists():
             source["path"] = str(_resolve(path, base))

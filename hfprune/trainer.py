@@ -233,7 +233,16 @@ class PruningTrainer(Trainer):
 
         # Hook-based criteria must not record the teacher's forward either.
         switches = [callback.hooks] + ([callback.criterion] if hasattr(callback.criterion, "enabled") else [])
-        loss, outputs, parts = distillation_step(model, inputs, self.distillation, switches, num_items_in_batch)
+        # As Trainer.compute_loss does: the token count over all accumulated micro-batches normalises the loss
+        # only when the Trainer expects it to (otherwise it divides by the accumulation steps itself).
+        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss, outputs, parts = distillation_step(
+            model, inputs, self.distillation, switches, num_items_in_batch if scaled_for_accumulation else None
+        )
+        if scaled_for_accumulation and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the tokens of every process; DDP averages the gradients again.
+            get_tp_size = getattr(self, "get_tp_size", lambda: 1)
+            loss = loss * (self.accelerator.num_processes // get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
         for name in ("ce", "kl", "hidden"):
             if name in parts:
                 self._distill_sums[name] = self._distill_sums.get(name, 0.0) + float(parts[name])

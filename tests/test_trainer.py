@@ -216,3 +216,26 @@ def test_distillation_from_the_free_dense_teacher(tmp_path, monkeypatch):
     for entry in logged:
         expected = 0.5 * entry["distill/ce"] + 0.5 * 2.0**2 * entry["distill/kl"]
         assert entry["loss"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_distillation_normalises_like_the_trainer(tmp_path, accepts_loss_kwargs):
+    """The label-token count over all accumulated micro-batches normalises the loss only when the Trainer
+    will not divide by the accumulation steps itself, exactly as Trainer.compute_loss decides."""
+    from hfprune import DistillationConfig
+
+    trainer = PruningTrainer(
+        model=tiny_model("llama"), args=_args(tmp_path, max_steps=1), load_in_8bit=False,
+        pruning_config=PruningConfig(target_sparsity=0.3, protected_layers=(0,)),
+        distillation=DistillationConfig(alpha=0.0),  # the loss is the label cross-entropy alone
+        train_dataset=datasets.Dataset.from_list(alpaca_records(8)), processing_class=tiny_tokenizer(),
+    )
+    trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+    batch = next(iter(trainer.get_train_dataloader()))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    trainer.model.train()
+    with torch.no_grad():
+        mean = trainer.compute_loss(trainer.model, dict(batch))
+        over_four_times_the_tokens = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4 * labelled)
+    expected = mean / 4 if accepts_loss_kwargs else mean
+    assert over_four_times_the_tokens == pytest.approx(expected.item(), rel=1e-4)
