@@ -164,7 +164,8 @@ class PruningTrainer(Trainer):
 
         if isinstance(model, PeftModel):
             return model
-        if peft_config is None and self.pruning_config.importance == "lora":
+        if peft_config is None and (self.pruning_config.importance == "lora" or _is_quantized(model)):
+            # The lora criterion reads the adapters; a quantized base can only be trained through them.
             peft_config = default_lora_config()
         if peft_config is None:
             return model

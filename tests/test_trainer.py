@@ -239,3 +239,20 @@ def test_distillation_normalises_like_the_trainer(tmp_path, accepts_loss_kwargs)
         over_four_times_the_tokens = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4 * labelled)
     expected = mean / 4 if accepts_loss_kwargs else mean
     assert over_four_times_the_tokens == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_an_8bit_base_gets_adapters_whatever_the_criterion(tmp_path):
+    """A quantized base trains only through adapters: activation_taylor on an 8-bit base gets the default LoRA."""
+    from peft import PeftModel
+
+    save_tiny("llama", tmp_path / "base")
+    trainer = PruningTrainer(
+        model=str(tmp_path / "base"), args=_args(tmp_path, max_steps=2), load_in_8bit=True,
+        pruning_config=PruningConfig(target_sparsity=0.3, importance="activation_taylor", protected_layers=(0,)),
+        train_dataset=datasets.Dataset.from_list(alpaca_records(8)), processing_class=tiny_tokenizer(),
+    )
+    assert isinstance(trainer.model, PeftModel)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    assert trainer.state.global_step == 2
