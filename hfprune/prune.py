@@ -101,6 +101,15 @@ def _score_with_forward_passes(model, structure, criterion, accumulator, calibra
 
 def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    embedding_hook = None
+    if criterion.needs == "activation_gradients":
+        # Activation gradients only: no weight needs a gradient, so none gets one (a plain fp32 model would
+        # otherwise pay for a full weight gradient). Backpropagation starts at the embeddings' output instead.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        embedding_hook = model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output.requires_grad_(True)
+        )
     criterion.prepare(model, structure.prunable_layers)
     was_training = model.training
     model.eval()  # no dropout while scoring
@@ -120,6 +129,8 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
                 p.grad.div_(batches)
         score_model(structure, criterion, accumulator)
     finally:
+        if embedding_hook is not None:
+            embedding_hook.remove()
         model.zero_grad(set_to_none=True)
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])

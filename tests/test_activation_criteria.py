@@ -234,6 +234,28 @@ def test_prune_model_with_activation_taylor_on_a_frozen_base():
         assert torch.isfinite(model(input_ids=batch()).logits).all()
 
 
+def test_prune_model_with_activation_taylor_computes_no_weight_gradient():
+    """On a plain fp32 model (every weight trainable) only activation gradients are computed."""
+    from hfprune import prune as prune_module
+
+    model = tiny_model("llama")
+    assert all(p.requires_grad for p in model.parameters())
+    seen = []
+    real_score_model = prune_module.score_model
+
+    def spy(structure, criterion, accumulator):
+        seen.extend(name for name, p in model.named_parameters() if p.grad is not None)
+        return real_score_model(structure, criterion, accumulator)
+
+    config = PruningConfig(target_sparsity=0.3, importance="activation_taylor", protected_layers=(0,))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prune_module, "score_model", spy)
+        prune_model(model, config, calibration_data=[{"input_ids": batch(seed=s)} for s in range(2)])
+    assert seen == []
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    assert len(model.get_input_embeddings()._forward_hooks) == 0
+
+
 @pytest.mark.parametrize("name", ["activation", "flap"])
 def test_prune_model_gradient_free_under_no_grad(name):
     model = tiny_model("llama")
