@@ -52,6 +52,13 @@ def _is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
 
 
+def _kbit_device_map():
+    """A quantized model sits whole on one device: this process's GPU (each DDP rank its own), or the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu"
+
+
 def load_model(
     model_id: str,
     load_in_8bit: bool,
@@ -66,7 +73,7 @@ def load_model(
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs.setdefault("device_map", {"": 0} if torch.cuda.is_available() else "cpu")
+        kwargs.setdefault("device_map", _kbit_device_map())
     kwargs.setdefault("dtype", "auto")
     return AutoModelForCausalLM.from_pretrained(resolve_model(model_id), **kwargs)
 

@@ -256,3 +256,16 @@ def test_an_8bit_base_gets_adapters_whatever_the_criterion(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_8bit_base_goes_to_this_process_gpu(monkeypatch):
+    """Under DDP every rank loads its quantized copy on its own GPU (LOCAL_RANK), never all on GPU 0."""
+    from hfprune import trainer as trainer_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert trainer_module._kbit_device_map() == {"": 3}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert trainer_module._kbit_device_map() == {"": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trainer_module._kbit_device_map() == "cpu"
