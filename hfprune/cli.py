@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     plan.add_argument("recipe", metavar="RECIPE.yaml|MODEL_CONFIG",
-                      help="a recipe, or a model config: short name from recipes/model_configs (llama-65b), "
+                      help="a recipe, or a model config: short name from hfprune/model_configs (llama-65b), "
                            "config.json path or hub id")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     plan.add_argument("--dry-run", action="store_true", help="accepted for symmetry with `prune`: a plan is always dry")
@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     estimate.add_argument("model", metavar="MODEL_OR_CONFIG",
-                          help="short name from recipes/model_configs (llama-65b), config.json path or hub id")
+                          help="short name from hfprune/model_configs (llama-65b), config.json path or hub id")
     estimate.add_argument("--criterion", default="lora", help="importance criterion: lora, taylor, taylor2, vector, "
                                                                 "magnitude, random")
     estimate.add_argument("--load-in-8bit", action=argparse.BooleanOptionalAction, default=None,

@@ -75,7 +75,7 @@ from typing import Any
 GiB = 1024**3
 
 #: Folder with the published ``config.json`` of the supported large models.
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 CRITERIA = ("lora", "taylor", "taylor2", "vector", "magnitude", "random")
 #: Criteria that need the full gradient of every weight (LLM-Pruner's).
@@ -121,7 +121,7 @@ PERSISTENT = ("base_weights", "other_weights", "lora_weights", "optimizer_states
 
 
 def available_model_configs() -> list[str]:
-    """Short names of the configs shipped in ``recipes/model_configs``."""
+    """Short names of the configs shipped in ``hfprune/model_configs``."""
     if not MODEL_CONFIG_DIR.is_dir():
         return []
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
@@ -130,7 +130,7 @@ def available_model_configs() -> list[str]:
 def load_model_config(name_or_path: Any):
     """A transformers config from a short name, a json file, a folder, a dict or a hub id.
 
-    Short names are the files in ``recipes/model_configs`` (``"llama-65b"``,
+    Short names are the files in ``hfprune/model_configs`` (``"llama-65b"``,
     ``"llama-2-70b"``, ...); anything else goes to ``AutoConfig.from_pretrained``.
     """
     from transformers import AutoConfig, PretrainedConfig
@@ -399,7 +399,7 @@ def estimate_memory(
 
     Args:
         config: a transformers config, a dict, a short name from
-            ``recipes/model_configs`` (see `available_model_configs`), a path or a hub id.
+            ``hfprune/model_configs`` (see `available_model_configs`), a path or a hub id.
         criterion: importance criterion, one of `CRITERIA`. ``"taylor"``, ``"taylor2"``
             and ``"vector"`` need full weight gradients (no 8-bit base).
         load_in_8bit: base decoder projections stored as bitsandbytes int8

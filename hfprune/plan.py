@@ -218,7 +218,7 @@ def dry_run(
     Args:
         recipe_or_model_config: a `Recipe` (its `model.model_config`, else `model.name_or_path`, its
             pruning, LoRA, training and export settings are used), or a model config: a short name
-            from recipes/model_configs ("llama-65b"), a config.json / directory path, a hub id or a
+            from hfprune/model_configs ("llama-65b"), a config.json / directory path, a hub id or a
             `PretrainedConfig`.
         pruning_config: overrides the recipe's; default `PruningConfig()` for a bare model config.
         total_steps: optimizer steps of the run (default: the recipe's, estimated from its data).
@@ -256,7 +256,7 @@ def dry_run(
     try:
         model_config = load_model_config(model_config if model_config is not None else config_source)
     except (OSError, ValueError) as error:
-        hint = " (add model.model_config: a short name from recipes/model_configs or a config.json path)"
+        hint = " (add model.model_config: a short name from hfprune/model_configs or a config.json path)"
         hint = hint if recipe else ""
         raise ValueError(f"model config {config_source!r}: {' '.join(str(error).split())}{hint}") from None
     if recipe is not None and given_config is not None:

@@ -16,7 +16,7 @@ documentation applies):
     model:
       name_or_path: huggyllama/llama-7b # hub id or local directory (required)
       model_config: llama-7b            # config for dry runs without downloads: a short name
-                                        # from recipes/model_configs, a json/dir path or hub id
+                                        # from hfprune/model_configs, a json/dir path or hub id
       revision: main
       load_in_8bit: false               # frozen int8 base (bitsandbytes); default: PruningTrainer's rule
       dtype: bfloat16                   # auto | bfloat16 | float16 | float32
