@@ -10,7 +10,7 @@ from torch import nn
 from .allocation import allocate, check_feasible, discover_for_config
 from .config import PruningConfig
 from .importance import ImportanceCriterion, ScoreAccumulator, get_importance
-from .structure import ModelStructure
+from .structure import ModelStructure, unwrap_model
 from .surgery import remove_pruned_groups
 
 
@@ -74,6 +74,25 @@ def prune_model(
     return model
 
 
+def _activation_checkpointing(model: nn.Module) -> bool:
+    inner = unwrap_model(model)
+    flag = getattr(type(inner), "is_activation_checkpointing", None)
+    return bool(inner.is_activation_checkpointing) if flag is not None else bool(
+        getattr(inner, "gradient_checkpointing", False))
+
+
+def _scoring_mode(model: nn.Module) -> None:
+    """No dropout while scoring. transformers checkpoints activations in training mode only, so a model with
+    activation checkpointing on stays in training mode with its dropout layers switched off."""
+    if _activation_checkpointing(model):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+    else:
+        model.eval()
+
+
 def _batches_on(model, calibration_data):
     device = _model_device(model)
     for batch in calibration_data:
@@ -112,7 +131,7 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
         )
     criterion.prepare(model, structure.prunable_layers)
     was_training = model.training
-    model.eval()  # no dropout while scoring
+    _scoring_mode(model)
     batches = 0
     try:
         model.zero_grad(set_to_none=True)

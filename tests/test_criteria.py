@@ -138,3 +138,28 @@ def test_lora_estimate_correlates_with_true_taylor_scores():
           f"random {rho_random:.3f}")
     assert rho_trained > 0.5
     assert rho_trained > rho_random + 0.4
+
+
+def test_prune_model_keeps_activation_checkpointing_and_no_dropout():
+    """transformers checkpoints only in training mode: scoring a checkpointed model runs in training mode
+    (activations recomputed, the memory saving users asked for) with every dropout off (scores are exact)."""
+    from hfprune import prune_model
+
+    calls = []
+    kept = []
+    for checkpointing in (False, True, True):
+        model = tiny_model("llama", attention_dropout=0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for layer in model.model.layers:  # count the recomputed layers
+                real = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
+        model.eval()
+        config = PruningConfig(target_sparsity=0.4, importance="taylor", protected_layers=(0,))
+        prune_model(model, config, calibration_data=[{"input_ids": batch(seed=s)} for s in range(2)])
+        assert not model.training  # the caller's mode is restored
+        kept.append([layer.self_attn.o_proj.weight.clone() for layer in model.model.layers])
+        assert bool(calls) == checkpointing
+        calls.clear()
+    for a, b, c in zip(*kept):
+        assert torch.equal(a, b) and torch.equal(b, c)  # dropout off: the same scores, the same groups kept
