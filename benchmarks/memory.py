@@ -175,8 +175,8 @@ def report(runs: list[dict], args, info: dict, smoke: bool) -> tuple[str, dict]:
         "criterion needs gradients of the rank-8 adapters only; the Taylor criterion needs an fp32 weight and an "
         "fp32 gradient for every scored projection weight. Without checkpointing, the activations kept for the "
         "backward pass (both criteria need one; with SmolLM2's 49152-token vocabulary the fp32 logits alone take "
-        "192 KiB per token, and the loss keeps copies of them) are the bulk of both peaks at this size. On a 7B model the same ratio is what separates "
-        "one GPU from several (LLM-Pruner: ~80 GB for the full gradients).",
+        "192 KiB per token, and the loss keeps copies of them) are the bulk of both peaks at this size. On a 7B "
+        "model the same ratio is what separates one GPU from several (LLM-Pruner: ~80 GB for the full gradients).",
     ]
     # The headline: with checkpointing, how large models are pruned (and how the estimator counts).
     headline = verdict["ratios"].get("with") or verdict["ratios"].get("without") or {}
