@@ -740,7 +740,8 @@ def main(argv=None) -> int:
                     "targets": targets(results, settings),
                     "targets_other_seeds": {seed: targets(results, settings, f"lora-seed{seed}")
                                             for seed in settings.extra_lora_seeds},
-                    "ablations": ablation_rows(results, settings)}
+                    "ablations": ablation_rows(results, settings),
+                    "small_budget_targets": small_budget_targets(results)}
         common.write_outputs(out, NAME, markdown, data_out)
         print(markdown)
         if not args.keep_cache:
