@@ -296,3 +296,26 @@ def test_estimate_compares_lora_with_taylor(capsys):
     assert "lora (8-bit)" in out and "taylor (bf16)" in out
     code, _, err = _run(capsys, "estimate", "llama-7b", "--criterion", "taylor", "--load-in-8bit")
     assert code == 2 and "taylor" in err
+
+
+def test_prune_with_distillation_and_two_phases(capsys, tmp_path, tiny_base, monkeypatch):
+    """The recipe's distillation section reaches PruningTrainer, and mixing: phases trains text, then instructions."""
+    from hfprune import distill
+
+    calls = []
+    real_step = distill.distillation_step
+    monkeypatch.setattr(distill, "distillation_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    path = _recipe(
+        tmp_path, tiny_base, eval=None,
+        pruning={"physical_removal": "at_end"},
+        distillation={"alpha": 0.5, "temperature": 2.0},
+        data={"train": [{"path": "text.txt", "skip_samples": 1}, "data.json"], "mixing": "phases"},
+    )
+    code, out, err = _run(capsys, "prune", str(path))
+    assert code == 0, err
+    assert "2 phases of 7, 32 examples" in out + err
+    assert len(calls) == 4  # every step distilled from the dense teacher, recovery included
+    report = json.loads((tmp_path / "model" / "pruning_report.json").read_text())
+    settings = report["recipe"]["settings"]
+    assert settings["distillation"]["alpha"] == 0.5 and settings["data"]["mixing"] == "phases"
+    assert report["reached"]["sparsity"] == pytest.approx(0.5, abs=0.02)
