@@ -79,6 +79,7 @@ class RunSpec:
     channels_only: bool = False
     ranking: str = "local"
     distill: bool = False  # free-teacher distillation, masks kept to the end so the teacher lasts
+    schedule: str = "cubic"  # "one_shot": score through the pruning stage, remove everything at its end
     seed: Optional[int] = None  # None: Settings.seed
 
     @property
@@ -86,6 +87,7 @@ class RunSpec:
         label = self.method + ("-channels" if self.channels_only else "")
         label += "-global" if self.ranking == "global" else ""
         label += "-kd" if self.distill else ""
+        label += "-oneshot" if self.schedule == "one_shot" else ""
         return label + (f"-seed{self.seed}" if self.seed is not None else "")
 
     @property
@@ -97,6 +99,8 @@ class RunSpec:
 ABLATIONS = {
     "lora-kd": dict(method="lora", distill=True),
     "lora-global": dict(method="lora", ranking="global"),
+    "lora-oneshot": dict(method="lora", schedule="one_shot"),
+    "taylor-oneshot": dict(method="taylor", schedule="one_shot"),
     "activation_taylor": dict(method="activation_taylor"),
     "activation_taylor_sq": dict(method="activation_taylor_sq"),
     "flap": dict(method="flap"),
@@ -123,7 +127,7 @@ class Settings:
     # `lora` again with other seeds (LoRA initialisation, data order, dropout): the noise of one run.
     extra_lora_seeds: tuple = (1,)
     # Issue #7's comparisons, each against `lora` (see ABLATIONS), at these sparsities.
-    ablations: tuple = ("lora-kd", "lora-global", "activation_taylor", "flap")
+    ablations: tuple = ("lora-kd", "lora-global", "lora-oneshot", "taylor-oneshot", "activation_taylor", "flap")
     ablations_at: tuple = (0.2, 0.5)
     lora_r: int = 8
     seed: int = 0
@@ -270,7 +274,8 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, spec: RunS
     start = time.perf_counter()
     model = common.load_causal_lm(path, eight_bit=eight_bit)
     config = PruningConfig(target_sparsity=spec.sparsity, importance=spec.method, structures=structures,
-                           ranking=spec.ranking, pruning_steps=settings.pruning_steps, prune_every=settings.prune_every,
+                           ranking=spec.ranking, schedule=spec.schedule, pruning_steps=settings.pruning_steps,
+                           prune_every=settings.prune_every,
                            physical_removal="at_end" if spec.distill else "after_pruning", seed=settings.seed)
     at_removal, timer = _callbacks(tokenizer, data, settings, result)
     # The LoRA adapters are initialised before the Trainer seeds anything: seed here, so every run
@@ -483,6 +488,7 @@ def targets(results: dict, settings: Settings, lora_label: str = "lora") -> list
 ABLATION_GROUPS = (
     ("distillation", ("lora", "lora-kd")),
     ("allocation", ("lora", "lora-global")),
+    ("schedule", ("lora", "lora-oneshot", "taylor", "taylor-oneshot", PEER)),
     ("criterion", ("lora", "activation_taylor", "activation_taylor_sq", "activation", "flap", "taylor")),
 )
 SMALL_BUDGET_TARGETS = {0.2: 1.6, 0.5: 3.5}  # issue #7: perplexity after recovery within this factor of dense
@@ -585,7 +591,9 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
             "same steps and batches. `lora-kd`: free-teacher distillation (`DistillationConfig()`: alpha 0.5, T 2, "
             "KL on the labelled tokens) with the masks kept to the end (`physical_removal=\"at_end\"`) so the dense "
             "teacher lasts through recovery; `lora-global`: `ranking=\"global\"` (score per parameter across layers, "
-            "per-layer floors); `activation_taylor`/`flap`: the activation-gradient and forward-only criteria, on the "
+            "per-layer floors); `-oneshot`: `schedule=\"one_shot\"` (scores accumulate over the whole pruning stage "
+            "on the unmasked model, every group is removed at its end, as Torch-Pruning removes them after its "
+            "calibration); `activation_taylor`/`flap`: the activation-gradient and forward-only criteria, on the "
             "8-bit base. x dense = perplexity after recovery over the dense model's. s/step = median step time over "
             "the pruning stage (masked model, the teacher's extra forward included for `lora-kd`).", "",
             common.table(["compares", "sparsity", "run", "wiki after pruning", "C4 after pruning",
