@@ -80,6 +80,7 @@ class RunSpec:
     ranking: str = "local"
     distill: bool = False  # free-teacher distillation, masks kept to the end so the teacher lasts
     schedule: str = "cubic"  # "one_shot": score through the pruning stage, remove everything at its end
+    c4_first: bool = False  # the pruning stage reads C4 text only (scores from pre-training-style text)
     seed: Optional[int] = None  # None: Settings.seed
 
     @property
@@ -88,6 +89,7 @@ class RunSpec:
         label += "-global" if self.ranking == "global" else ""
         label += "-kd" if self.distill else ""
         label += "-oneshot" if self.schedule == "one_shot" else ""
+        label += "-c4first" if self.c4_first else ""
         return label + (f"-seed{self.seed}" if self.seed is not None else "")
 
     @property
@@ -101,6 +103,9 @@ ABLATIONS = {
     "lora-global": dict(method="lora", ranking="global"),
     "lora-oneshot": dict(method="lora", schedule="one_shot"),
     "taylor-oneshot": dict(method="taylor", schedule="one_shot"),
+    "lora-c4first": dict(method="lora", c4_first=True),
+    "lora-oneshot-c4first": dict(method="lora", schedule="one_shot", c4_first=True),
+    "taylor-oneshot-c4first": dict(method="taylor", schedule="one_shot", c4_first=True),
     "activation_taylor": dict(method="activation_taylor"),
     "activation_taylor_sq": dict(method="activation_taylor_sq"),
     "flap": dict(method="flap"),
@@ -127,7 +132,8 @@ class Settings:
     # `lora` again with other seeds (LoRA initialisation, data order, dropout): the noise of one run.
     extra_lora_seeds: tuple = (1,)
     # Issue #7's comparisons, each against `lora` (see ABLATIONS), at these sparsities.
-    ablations: tuple = ("lora-kd", "lora-global", "lora-oneshot", "taylor-oneshot", "activation_taylor", "flap")
+    ablations: tuple = ("lora-kd", "lora-global", "lora-oneshot", "taylor-oneshot", "activation_taylor", "flap",
+                        "lora-c4first", "lora-oneshot-c4first", "taylor-oneshot-c4first")
     ablations_at: tuple = (0.2, 0.5)
     lora_r: int = 8
     seed: int = 0
@@ -172,6 +178,20 @@ class Data:
         if smoke:  # the character tokenizer makes ~4x more tokens per document
             self.wiki = self.wiki[:2]
         self.train = self._recovery_dataset(settings)
+        self.settings = settings
+
+    def c4_first(self):
+        """C4 documents for the pruning stage (as many as its batches take), then the usual mixed set; read in
+        order (`train_sampling_strategy="sequential"`). Torch-Pruning likewise calibrates on C4."""
+        import datasets
+
+        from hfprune.data import tokenize_record
+
+        s = self.settings
+        texts = self.c4_train[: s.pruning_steps * s.batch_size]
+        records = [tokenize_record({"text": t}, self.tokenizer, "text", s.seq_len) for t in texts]
+        first = datasets.Dataset.from_dict({k: [r[k] for r in records] for k in ("input_ids", "attention_mask", "labels")})
+        return datasets.concatenate_datasets([first, self.train])
 
     def _recovery_dataset(self, settings: Settings):
         import datasets
@@ -222,10 +242,11 @@ def kv_heads_summary(model) -> str:
 # ---------------------------------------------------------------- runs
 
 
-def training_args(settings: Settings, output_dir: str, max_steps: int):
+def training_args(settings: Settings, output_dir: str, max_steps: int, sequential: bool = False):
     from transformers import TrainingArguments
 
     return TrainingArguments(
+        train_sampling_strategy="sequential" if sequential else "random",
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps, lr_scheduler_type="linear",
         logging_steps=10_000, report_to=[], save_strategy="no", use_cpu=True, seed=settings.seed,
@@ -282,8 +303,10 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, spec: RunS
     # starts from the same adapters whatever ran before it in this process.
     set_seed(settings.seed)
     trainer = PruningTrainer(
-        model=model, args=training_args(settings, str(workdir / "trainer"), settings.pruning_steps + settings.recovery_steps),
-        pruning_config=config, peft_config=common.lora_config(settings.lora_r), train_dataset=data.train,
+        model=model, args=training_args(settings, str(workdir / "trainer"), settings.pruning_steps + settings.recovery_steps,
+                                        sequential=spec.c4_first),
+        pruning_config=config, peft_config=common.lora_config(settings.lora_r),
+        train_dataset=data.c4_first() if spec.c4_first else data.train,
         processing_class=tokenizer, max_length=settings.seq_len, callbacks=[at_removal, timer],
         distillation=DistillationConfig() if spec.distill else None,
     )
@@ -489,6 +512,8 @@ ABLATION_GROUPS = (
     ("distillation", ("lora", "lora-kd")),
     ("allocation", ("lora", "lora-global")),
     ("schedule", ("lora", "lora-oneshot", "taylor", "taylor-oneshot", PEER)),
+    ("scoring data", ("lora", "lora-c4first", "lora-oneshot", "lora-oneshot-c4first", "taylor-oneshot",
+                      "taylor-oneshot-c4first", PEER)),
     ("criterion", ("lora", "activation_taylor", "activation_taylor_sq", "activation", "flap", "taylor")),
 )
 SMALL_BUDGET_TARGETS = {0.2: 1.6, 0.5: 3.5}  # issue #7: perplexity after recovery within this factor of dense
@@ -593,7 +618,8 @@ def report(results: dict, settings: Settings, info: dict, extra: dict, smoke: bo
             "teacher lasts through recovery; `lora-global`: `ranking=\"global\"` (score per parameter across layers, "
             "per-layer floors); `-oneshot`: `schedule=\"one_shot\"` (scores accumulate over the whole pruning stage "
             "on the unmasked model, every group is removed at its end, as Torch-Pruning removes them after its "
-            "calibration); `activation_taylor`/`flap`: the activation-gradient and forward-only criteria, on the "
+            "calibration); `-c4first`: the pruning stage reads C4 documents only (Torch-Pruning calibrates on C4), "
+            "then the usual mix, in order; `activation_taylor`/`flap`: the activation-gradient and forward-only criteria, on the "
             "8-bit base. x dense = perplexity after recovery over the dense model's. s/step = median step time over "
             "the pruning stage (masked model, the teacher's extra forward included for `lora-kd`).", "",
             common.table(["compares", "sparsity", "run", "wiki after pruning", "C4 after pruning",
