@@ -106,6 +106,7 @@ ABLATIONS = {
     "lora-c4first": dict(method="lora", c4_first=True),
     "lora-oneshot-c4first": dict(method="lora", schedule="one_shot", c4_first=True),
     "taylor-oneshot-c4first": dict(method="taylor", schedule="one_shot", c4_first=True),
+    "activation_taylor-c4first": dict(method="activation_taylor", c4_first=True),
     "activation_taylor": dict(method="activation_taylor"),
     "activation_taylor_sq": dict(method="activation_taylor_sq"),
     "flap": dict(method="flap"),
@@ -133,7 +134,7 @@ class Settings:
     extra_lora_seeds: tuple = (1,)
     # Issue #7's comparisons, each against `lora` (see ABLATIONS), at these sparsities.
     ablations: tuple = ("lora-kd", "lora-global", "lora-oneshot", "taylor-oneshot", "activation_taylor", "flap",
-                        "lora-c4first", "lora-oneshot-c4first", "taylor-oneshot-c4first")
+                        "lora-c4first", "lora-oneshot-c4first", "taylor-oneshot-c4first", "activation_taylor-c4first")
     ablations_at: tuple = (0.2, 0.5)
     lora_r: int = 8
     seed: int = 0
@@ -512,8 +513,8 @@ ABLATION_GROUPS = (
     ("distillation", ("lora", "lora-kd")),
     ("allocation", ("lora", "lora-global")),
     ("schedule", ("lora", "lora-oneshot", "taylor", "taylor-oneshot", PEER)),
-    ("scoring data", ("lora", "lora-c4first", "lora-oneshot", "lora-oneshot-c4first", "taylor-oneshot",
-                      "taylor-oneshot-c4first", PEER)),
+    ("scoring data", ("lora", "lora-c4first", "lora-oneshot", "lora-oneshot-c4first", "activation_taylor",
+                      "activation_taylor-c4first", "taylor-oneshot", "taylor-oneshot-c4first", PEER)),
     ("criterion", ("lora", "activation_taylor", "activation_taylor_sq", "activation", "flap", "taylor")),
 )
 SMALL_BUDGET_TARGETS = {0.2: 1.6, 0.5: 3.5}  # issue #7: perplexity after recovery within this factor of dense
