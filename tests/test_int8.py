@@ -67,3 +67,21 @@ def test_int8_physical_removal_equals_masked(tmp_path, with_lora):
     assert int8.weight.dtype == torch.int8
     assert torch.equal(int8.weight.data, int8_before[kept_rows])
     assert int8.state.SCB.shape[0] == len(kept_rows)
+
+
+def test_the_int8_cast_warning_is_logged_once(caplog):
+    """bitsandbytes warns on every int8 matmul with fp32 inputs; after PruningTrainer's filter, once."""
+    import logging
+
+    from hfprune.trainer import quiet_int8_cast_warning
+
+    quiet_int8_cast_warning()
+    quiet_int8_cast_warning()  # idempotent: one filter
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    assert len(bnb_logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        for _ in range(3):
+            bnb_logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "float32")
+        bnb_logger.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("MatMul8bitLt") for m in messages) <= 1 and "something else" in messages
