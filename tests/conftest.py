@@ -15,6 +15,15 @@ DATA_DIR = Path(os.environ.get("HFPRUNE_DATA_DIR", ROOT.parent / "shared" / "dat
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a busy CPU (`usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "wiki_demo.txt").exists():

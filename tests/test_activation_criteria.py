@@ -9,53 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 from hfprune import PruningConfig
 from hfprune.importance import ScoreAccumulator, get_importance
 from hfprune.masking import MaskHooks, PruningMasks
-from hfprune.prune import _score_with_gradients, prune_model, score_model
-from hfprune.structure import discover, head_rows
+from hfprune.prune import prune_model, score_model
+from hfprune.structure import discover
 
-from .tiny_models import batch, tiny_model
+from .tiny_models import (
+    DEAD_CHANNELS, DEAD_GROUP, DEAD_LAYER, LORA_TARGETS, batch, model_with_dead_groups, tiny_model, with_lora,
+)
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_CRITERIA = ["activation_taylor", "activation_taylor_sq", "activation", "flap"]
-DEAD_LAYER, DEAD_GROUP, DEAD_CHANNELS = 2, 1, [5, 17, 40]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than two fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(model):
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
-    with torch.no_grad():  # B != 0, as after some training
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 1e-3)
-    return model
+    return with_lora(model, b_std=1e-3)
 
 
 def _model_with_dead_groups(lora: bool = True):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        attn, mlp = model.model.layers[DEAD_LAYER].self_attn, model.model.layers[DEAD_LAYER].mlp
-        kv = head_rows(torch.tensor([DEAD_GROUP]), 8)
-        q = head_rows(torch.arange(DEAD_GROUP * 4, DEAD_GROUP * 4 + 4), 8)
-        for weight, rows in ((attn.k_proj.weight, kv), (attn.v_proj.weight, kv), (attn.q_proj.weight, q)):
-            weight[rows] *= 1e-3
-        attn.o_proj.weight[:, q] *= 1e-3
-        channels = torch.tensor(DEAD_CHANNELS)
-        mlp.gate_proj.weight[channels] *= 1e-3
-        mlp.up_proj.weight[channels] *= 1e-3
-        mlp.down_proj.weight[:, channels] *= 1e-3
+    model = model_with_dead_groups()
     return _lora(model) if lora else model
 
 

@@ -11,34 +11,15 @@ from hfprune import PruningConfig, get_importance, register_importance
 from hfprune.allocation import allocate
 from hfprune.importance import ImportanceCriterion, ScoreAccumulator
 from hfprune.prune import _score_with_gradients, score_model
-from hfprune.structure import discover, head_rows
+from hfprune.structure import discover
 
-from .tiny_models import batch, tiny_model
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEAD_LAYER, DEAD_GROUP, DEAD_CHANNELS = 2, 1, [5, 17, 40]
-
+from .tiny_models import (
+    DEAD_CHANNELS, DEAD_GROUP, DEAD_LAYER, LORA_TARGETS, batch, model_with_dead_groups, tiny_model, with_lora,
+)
 
 def _model_with_dead_groups(lora: bool):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        attn, mlp = model.model.layers[DEAD_LAYER].self_attn, model.model.layers[DEAD_LAYER].mlp
-        kv = head_rows(torch.tensor([DEAD_GROUP]), 8)
-        q = head_rows(torch.arange(DEAD_GROUP * 4, DEAD_GROUP * 4 + 4), 8)
-        for weight, rows in ((attn.k_proj.weight, kv), (attn.v_proj.weight, kv), (attn.q_proj.weight, q)):
-            weight[rows] *= 1e-3
-        attn.o_proj.weight[:, q] *= 1e-3
-        channels = torch.tensor(DEAD_CHANNELS)
-        mlp.gate_proj.weight[channels] *= 1e-3
-        mlp.up_proj.weight[channels] *= 1e-3
-        mlp.down_proj.weight[:, channels] *= 1e-3
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
-        with torch.no_grad():  # B != 0, as after some training, but small next to W
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 1e-4)
-    return model
+    model = model_with_dead_groups()
+    return with_lora(model, b_std=1e-4) if lora else model  # B small next to W
 
 
 def _scores(model, importance, batches=None):

@@ -48,6 +48,42 @@ def tiny_model(name: str = "llama", seed: int = 0, dtype=torch.float32, **overri
     return model.eval()
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEAD_LAYER, DEAD_GROUP, DEAD_CHANNELS = 2, 1, [5, 17, 40]
+
+
+def with_lora(model, b_std: float):
+    """LoRA r=4 on the seven projections, B != 0 (as after some training) drawn with std `b_std`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, b_std)
+    return model
+
+
+def model_with_dead_groups():
+    """A tiny Llama whose layer DEAD_LAYER has KV group DEAD_GROUP (and its query heads) and the MLP channels
+    DEAD_CHANNELS scaled down 1000x: every criterion should rank them lowest."""
+    from hfprune.structure import head_rows
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        attn, mlp = model.model.layers[DEAD_LAYER].self_attn, model.model.layers[DEAD_LAYER].mlp
+        kv = head_rows(torch.tensor([DEAD_GROUP]), 8)
+        q = head_rows(torch.arange(DEAD_GROUP * 4, DEAD_GROUP * 4 + 4), 8)
+        for weight, rows in ((attn.k_proj.weight, kv), (attn.v_proj.weight, kv), (attn.q_proj.weight, q)):
+            weight[rows] *= 1e-3
+        attn.o_proj.weight[:, q] *= 1e-3
+        channels = torch.tensor(DEAD_CHANNELS)
+        mlp.gate_proj.weight[channels] *= 1e-3
+        mlp.up_proj.weight[channels] *= 1e-3
+        mlp.down_proj.weight[:, channels] *= 1e-3
+    return model
+
+
 def batch(vocab_size: int = 128, batch_size: int = 2, seq_len: int = 12, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
