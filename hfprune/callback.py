@@ -39,6 +39,7 @@ from .masking import MaskHooks, PruningMasks
 from .prune import make_criterion, score_model
 from .schedule import PruningSchedule
 from .structure import ModelStructure
+from .bnb_logging import quiet_int8_cast_warning
 from .surgery import remove_pruned_groups, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class PruningCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        quiet_int8_cast_warning()
         self._model = model
         self.structure = discover_for_config(model, self.config)
         self._original_prunable = self.structure.prunable_params()

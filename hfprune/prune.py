@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .allocation import allocate, check_feasible, discover_for_config
+from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
 from .importance import ImportanceCriterion, ScoreAccumulator, get_importance
 from .structure import ModelStructure, unwrap_model
@@ -49,6 +50,7 @@ def prune_model(
     """
     structure = discover_for_config(model, config)
     check_feasible(structure, config)
+    quiet_int8_cast_warning()
     criterion = make_criterion(config)
     accumulator = ScoreAccumulator(decay=0.0, normalize=config.normalize == "module",
                                    signed=getattr(criterion, "signed", False))

@@ -52,29 +52,6 @@ def _is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
 
 
-class _FirstOnly(logging.Filter):
-    """Lets the first record starting with `prefix` through, drops the repeats."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-        self.seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        seen, self.seen = self.seen, True
-        return not seen
-
-
-def quiet_int8_cast_warning() -> None:
-    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every int8 matmul with fp32 or bf16
-    inputs (hundreds per step on the CPU); say it once per process."""
-    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _FirstOnly) for f in bnb_logger.filters):
-        bnb_logger.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
-
-
 def _kbit_device_map():
     """A quantized model sits whole on one device: this process's GPU (each DDP rank its own), or the CPU."""
     if torch.cuda.is_available():
@@ -158,8 +135,6 @@ class PruningTrainer(Trainer):
             model = load_model(model_id, load_in_8bit, quantization_config, model_init_kwargs)
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path or model_id)
-        if _is_quantized(unwrap_model(model)):
-            quiet_int8_cast_warning()
         if needs_full_gradients and _is_quantized(unwrap_model(model)):
             raise ValueError(
                 f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "

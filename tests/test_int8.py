@@ -70,10 +70,10 @@ def test_int8_physical_removal_equals_masked(tmp_path, with_lora):
 
 
 def test_the_int8_cast_warning_is_logged_once(caplog):
-    """bitsandbytes warns on every int8 matmul with fp32 inputs; after PruningTrainer's filter, once."""
+    """bitsandbytes warns on every int8 matmul with fp32 inputs; after the filter (callback, prune_model), once."""
     import logging
 
-    from hfprune.trainer import quiet_int8_cast_warning
+    from hfprune.bnb_logging import quiet_int8_cast_warning
 
     quiet_int8_cast_warning()
     quiet_int8_cast_warning()  # idempotent: one filter
