@@ -93,6 +93,12 @@ def table(headers: Sequence[str], rows: Iterable[Sequence], align: Optional[str]
     return "\n".join(lines)
 
 
+def target_line(target: str, verdicts: dict) -> str:
+    """`Target: <target>: <name> met; <name> **missed**.` — one verdict per measured setting."""
+    return (f"Target: {target}: "
+            + "; ".join(f"{name} {'met' if ok else '**missed**'}" for name, ok in verdicts.items()) + ".")
+
+
 def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "n/a"

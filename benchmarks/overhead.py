@@ -146,8 +146,8 @@ def report(results: list[dict], args, info: dict, smoke: bool) -> tuple[str, dic
                             "overhead (median)", "overhead (min)", "mask updates"], rows), ""]
     verdicts = {r["base"]: r["overhead"] <= TARGET for r in results}
     lines += [
-        f"Target: scoring adds <= {TARGET:.0%} to an optimizer step: "
-        + "; ".join(f"{base} base {'met' if ok else '**missed**'}" for base, ok in verdicts.items()) + ".",
+        common.target_line(f"scoring adds <= {TARGET:.0%} to an optimizer step",
+                           {f"{base} base": ok for base, ok in verdicts.items()}),
         "",
         "What the overhead is: for each of the 7 projections of every prunable layer, the LoRA gradient estimate "
         "`dB·A + B·dA - dB·dA` and the effective weight `W + s·B·A` (de-quantised from int8 on the 8-bit base) "

@@ -144,8 +144,7 @@ def report(rows: list[dict], args, info: dict, smoke: bool) -> tuple[str, dict]:
     lines += [common.table(headers, table_rows, "llrrrrrrrrr"), ""]
     verdict = {r["name"]: r["prefill_ratio_of_limit"] >= TARGET for r in rows if r["name"] != "dense"}
     lines += [
-        f"Target: prefill speed-up >= {TARGET:.0%} of the FLOPs limit: "
-        + "; ".join(f"{name} {'met' if ok else '**missed**'}" for name, ok in verdict.items()) + ".",
+        common.target_line(f"prefill speed-up >= {TARGET:.0%} of the FLOPs limit", verdict),
         "",
         "Prefill of 1024 tokens is compute-bound: removed heads and channels are removed matrix-multiply work. "
         "Decode of one token is bound by reading the weights (the LM head and embeddings, 28M of the 135M "
