@@ -746,10 +746,7 @@ def main(argv=None) -> int:
             cached = cache / f"{key}.json"
             if cached.exists():
                 stored = json.loads(cached.read_text())
-                stored_settings = stored.pop("_settings", None)
-                if isinstance(stored_settings, str):  # older caches stored the whole Settings as a string
-                    stored_settings = {k: v for k, v in json.loads(stored_settings).items() if k not in SELECTION_FIELDS}
-                if stored_settings == settings_key:
+                if stored.pop("_settings", None) == settings_key:
                     results[key] = RunResult(**stored)
                     print(f"{key}: cached", file=sys.stderr)
                     continue
