@@ -80,7 +80,7 @@ def child(setup: str, checkpoint: str, shard_size: str) -> dict:
     from hfprune.allocation import allocate
     from hfprune.export import save_pruned
     from hfprune.importance import ScoreAccumulator, get_importance
-    from hfprune.prune import score_model
+    from hfprune.importance import score_model
 
     _, eight_bit, streamed = SETUPS[setup]
     kwargs = {"dtype": torch.bfloat16}
@@ -99,7 +99,7 @@ def child(setup: str, checkpoint: str, shard_size: str) -> dict:
     criterion.seed = 0
     accumulator = ScoreAccumulator(normalize=False)
     score_model(structure, criterion, accumulator)
-    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     remove_pruned_groups(structure, masks)
     # transformers may leave loaded weights as views of the memory-mapped checkpoint, resident only once
     # touched; own them, so "RSS before" is the whole model and the export is not charged for paging it in.

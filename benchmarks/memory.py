@@ -75,7 +75,7 @@ def child(setup: str, path: str, batches: int, batch_size: int, seq_len: int, th
     from transformers import AutoTokenizer
 
     from hfprune import PruningConfig, prune_model
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
     from hfprune.data import calibration_batches
 
     criterion, base = SETUPS[setup]

@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from hfprune.importance import ScoreAccumulator, get_importance  # noqa: E402
 from hfprune.masking import MaskHooks, PruningMasks  # noqa: E402
-from hfprune.prune import _score_with_gradients, score_model  # noqa: E402
+from hfprune.importance import score_model
+from hfprune.prune import _score_with_gradients  # noqa: E402
 from hfprune.structure import discover  # noqa: E402
 
 CRITERIA = (
@@ -134,7 +135,7 @@ def oracle(model, structure, layers, channels: dict[int, torch.Tensor], eval_bat
 def criterion_scores(model, structure, name: str, calibration_batches) -> ScoreAccumulator:
     """Raw (unnormalised) scores of every layer from the calibration batches."""
     criterion = get_importance(name)
-    accumulator = ScoreAccumulator(decay=0.0, normalize=False, signed=getattr(criterion, "signed", False))
+    accumulator = ScoreAccumulator(decay=0.0, normalize=False, signed=criterion.signed)
     model.eval()
     if criterion.needs == "nothing":
         score_model(structure, criterion, accumulator)
@@ -146,9 +147,7 @@ def criterion_scores(model, structure, name: str, calibration_batches) -> ScoreA
         score_model(structure, criterion, accumulator)
     else:
         _score_with_gradients(model, structure, criterion, accumulator, [{"input_ids": ids} for ids in calibration_batches])
-    release = getattr(criterion, "release", None)
-    if release is not None:
-        release()
+    criterion.release()
     return accumulator
 
 

@@ -285,7 +285,7 @@ def run_hfprune(path: str, tokenizer, data: Data, settings: Settings, spec: RunS
     from transformers import AutoModelForCausalLM, set_seed
 
     from hfprune import DistillationConfig, PruningConfig, PruningTrainer
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
 
     eight_bit = spec.method in EIGHT_BIT_METHODS
     structures = ("channels",) if spec.channels_only else ("heads", "channels")
@@ -405,7 +405,7 @@ def run_torch_pruning(path: str, tokenizer, data: Data, settings: Settings, spar
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
     from hfprune.structure import default_protected_layers
 
     result = RunResult(label=PEER, method=PEER, sparsity=sparsity, base="fp32", structures="channels")
@@ -463,7 +463,7 @@ def run_torch_pruning(path: str, tokenizer, data: Data, settings: Settings, spar
 
 
 def run_dense(path: str, tokenizer, data: Data, settings: Settings) -> RunResult:
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
 
     model = common.load_causal_lm(path)
     result = RunResult(label="dense", method="dense", sparsity=0.0, base="fp32", structures="-")

@@ -43,7 +43,7 @@ SMOKE_ROUNDING = {"none": dict(), "rounded": dict(round_channels_to=16, round_he
 
 def build_models(path: str, sparsities, rounding: dict) -> dict:
     from hfprune import PruningConfig, prune_model
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
     from hfprune.structure import discover
 
     models = {}

@@ -1,7 +1,8 @@
 """Decide which groups go: from scores and a sparsity level to keep-masks.
 
 `allocate(structure, scores, config, progress)` returns the masks for
-`progress` (a fraction of the final target, from the schedule). Removal is
+`progress` (a fraction of the final target, from the schedule); `scores` maps
+each prunable layer's index to its `GroupScores` (`ScoreAccumulator.layer_scores`). Removal is
 monotone: a group removed at one update stays removed.
 
 Units of removal per layer:
@@ -21,7 +22,7 @@ within the per-layer floors (`min_heads`, `min_channels`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -29,8 +30,6 @@ from .config import PruningConfig
 from .importance import GroupScores
 from .masking import LayerMask, PruningMasks
 from .structure import LayerStructure, ModelStructure
-
-ScoreLookup = Callable[[LayerStructure], Optional[GroupScores]]
 
 
 @dataclass
@@ -199,24 +198,22 @@ def _layer_mask(layer: LayerStructure, scores: GroupScores, config: PruningConfi
 
 def allocate(
     structure: ModelStructure,
-    scores: ScoreLookup,
+    scores: Mapping[int, GroupScores],
     config: PruningConfig,
     progress: float,
     previous: Optional[PruningMasks] = None,
 ) -> PruningMasks:
-    """Masks reaching `progress` (0..1) of the final target, never restoring a removed group."""
+    """Masks reaching `progress` (0..1) of the final target, never restoring a removed group.
+
+    `scores`: the group scores of every prunable layer, by layer index.
+    """
     previous = previous or PruningMasks.full(structure)
     masks = PruningMasks({i: m.clone() for i, m in previous.layers.items()})
     layers = structure.prunable_layers
-    layer_scores = {}
-    for layer in layers:
-        found = scores(layer)
-        if found is None:
-            raise RuntimeError(
-                f"no importance scores for layer {layer.index} yet; the criterion needs at least one scored step "
-                "before the first mask update (increase warmup_ratio or check that gradients reach the LoRA layers)"
-            )
-        layer_scores[layer.index] = found
+    missing = [layer.index for layer in layers if layer.index not in scores]
+    if missing:
+        raise ValueError(f"scores have no entry for the prunable layers {missing}")
+    layer_scores = {layer.index: scores[layer.index] for layer in layers}
     if config.ranking == "global":
         plans = _global_plans(layers, layer_scores, config, progress, previous)
     else:
@@ -232,48 +229,6 @@ def allocate(
         plan.channels = max(plan.channels, already_channels)
         masks.layers[layer.index] = _layer_mask(layer, layer_scores[layer.index], config, plan, prev)
     return masks
-
-
-@dataclass
-class SparsityReport:
-    prunable_params: int
-    removed_params: int
-    total_params: int
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the prunable decoder parameters removed."""
-        return self.removed_params / max(1, self.prunable_params)
-
-    @property
-    def total_sparsity(self) -> float:
-        """Fraction of all model parameters removed."""
-        return self.removed_params / max(1, self.total_params)
-
-    def as_dict(self) -> dict:
-        return {
-            "prunable_params": self.prunable_params,
-            "removed_params": self.removed_params,
-            "remaining_params": self.total_params - self.removed_params,
-            "total_params": self.total_params,
-            "sparsity": self.sparsity,
-            "total_sparsity": self.total_sparsity,
-        }
-
-
-def removed_params(structure: ModelStructure, masks: PruningMasks) -> int:
-    removed = 0
-    for layer in structure:
-        mask = masks[layer.index]
-        removed += (layer.num_heads - int(mask.heads.sum())) * layer.params_per_query_head
-        removed += (layer.num_kv_heads - int(mask.kv_groups(layer.num_kv_heads).sum())) * layer.params_per_kv_head
-        removed += (layer.intermediate_size - int(mask.channels.sum())) * layer.params_per_channel
-    return removed
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the base model, LoRA adapters excluded."""
-    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
 def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:
@@ -301,19 +256,3 @@ def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:
                 f"structures={config.structures}, min_heads={config.min_heads}, min_channels={config.min_channels}; "
                 "lower the target, allow more structures or lower the floors"
             )
-
-
-def discover_for_config(model: torch.nn.Module, config: PruningConfig) -> ModelStructure:
-    """`discover` with the config's protected layers (none by default in uniform mode,
-    where every layer must end with the same widths)."""
-    from .structure import discover
-
-    protected = config.protected_layers
-    if config.uniform:
-        if protected:
-            raise ValueError(
-                f"uniform=True with protected_layers={protected}: a stock config has one width for every layer, "
-                "so uniform pruning cannot protect layers; pass protected_layers=() or uniform=False"
-            )
-        protected = ()
-    return discover(model, protected_layers=protected)

@@ -25,34 +25,20 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .allocation import (
-    SparsityReport,
-    allocate,
-    check_feasible,
-    count_parameters,
-    discover_for_config,
-    removed_params,
-)
-from .config import PruningConfig
-from .importance import ScoreAccumulator
-from .masking import MaskHooks, PruningMasks
-from .prune import make_criterion, score_model
-from .schedule import PruningSchedule
-from .structure import ModelStructure
+from .allocation import allocate, check_feasible
+from .atomic import save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
+from .config import PruningConfig
+from .importance import make_accumulator, make_criterion, score_model
+from .masking import MaskHooks, PruningMasks
+from .schedule import PruningSchedule
+from .sparsity import SparsityReport, count_parameters, removed_params
+from .structure import ModelStructure, discover_for_config
 from .surgery import remove_pruned_groups, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pruning_state.safetensors"
-
-
-def _write_safetensors_atomic(tensors: dict, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 class PruningCallback(TrainerCallback):
@@ -66,9 +52,7 @@ class PruningCallback(TrainerCallback):
     def __init__(self, config: PruningConfig):
         self.config = config
         self.criterion = make_criterion(config)  # unknown names fail here, before training
-        self.accumulator = ScoreAccumulator(
-            decay=config.ema_decay, normalize=config.normalize == "module", signed=getattr(self.criterion, "signed", False)
-        )
+        self.accumulator = make_accumulator(config, self.criterion)
         self.structure: Optional[ModelStructure] = None
         self.masks: Optional[PruningMasks] = None
         self.removal_masks: Optional[PruningMasks] = None  # masks applied physically, in original index space
@@ -114,7 +98,7 @@ class PruningCallback(TrainerCallback):
         os.makedirs(directory, exist_ok=True)
         tensors, metadata = self.state_dict()
         path = os.path.join(directory, STATE_FILE)
-        _write_safetensors_atomic(tensors, path, metadata)
+        save_safetensors_atomic(tensors, path, metadata)
         return path
 
     @staticmethod
@@ -198,13 +182,8 @@ class PruningCallback(TrainerCallback):
         # global_step counts completed steps; this is step global_step + 1.
         if self.structure is None or not self._scoring(state.global_step):
             return
-        step_scores = {}
-        for layer in self.structure.prunable_layers:
-            scores = self.criterion.score_layer(layer)
-            if scores is None:
-                return
-            step_scores[layer.index] = scores
-        if not self.accumulator.update(step_scores):
+        skipped = self.accumulator.num_skipped
+        if not score_model(self.structure, self.criterion, self.accumulator) and self.accumulator.num_skipped > skipped:
             logger.warning("step %d: non-finite importance scores, step skipped", state.global_step + 1)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -269,7 +248,11 @@ class PruningCallback(TrainerCallback):
 
     def _update_masks(self, step: int) -> None:
         progress = self.schedule.progress(step)
-        scores = lambda layer: self.accumulator.group_scores(layer.index, layer.n_rep)  # noqa: E731
+        try:
+            scores = self.accumulator.layer_scores(self.structure.prunable_layers)
+        except RuntimeError as error:
+            raise RuntimeError(f"step {step}, mask update: {error}; or start masking later "
+                               f"(warmup_ratio={self.config.warmup_ratio})") from None
         masks = allocate(self.structure, scores, self.config, progress, previous=self.masks)
         self.masks = self._synchronise(masks)
         self.hooks.update(self.masks)
@@ -278,7 +261,7 @@ class PruningCallback(TrainerCallback):
             {
                 "pruning/sparsity": round(report.sparsity, 6),
                 "pruning/total_sparsity": round(report.total_sparsity, 6),
-                "pruning/remaining_params": report.total_params - report.removed_params,
+                "pruning/remaining_params": report.remaining_params,
                 "pruning/progress": round(progress, 6),
             }
         )
@@ -286,8 +269,7 @@ class PruningCallback(TrainerCallback):
 
     def _release_criterion(self) -> None:
         # Hook-based criteria stop recording and weight-gradient criteria re-freeze the base once scoring is over.
-        if hasattr(self.criterion, "release"):
-            self.criterion.release()
+        self.criterion.release()
 
     def _remove_physically(self, optimizer, state) -> None:
         self._release_criterion()
@@ -301,7 +283,7 @@ class PruningCallback(TrainerCallback):
         report = self.sparsity()
         logger.info(
             "step %d: weights sliced (%d parameters left, %d optimizer state tensors transplanted); recovery follows",
-            state.global_step, report.total_params - report.removed_params, sliced,
+            state.global_step, report.remaining_params, sliced,
         )
         self._log_event("physical_removal", state, optimizer_state_tensors=sliced)
 
@@ -313,7 +295,7 @@ class PruningCallback(TrainerCallback):
             self.pending_logs.update(
                 {
                     "pruning/sparsity": round(report.sparsity, 6),
-                    "pruning/remaining_params": report.total_params - report.removed_params,
+                    "pruning/remaining_params": report.remaining_params,
                 }
             )
         self.pending_logs[f"pruning/stage_{event}"] = state.global_step

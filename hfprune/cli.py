@@ -37,7 +37,7 @@ def _wrap(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="hfprune",
@@ -293,10 +293,9 @@ def _register_pruned_classes() -> None:
 
 
 def _write_json(path: str, data) -> None:
-    from .evaluation.results import write_atomic
-    from pathlib import Path
+    from .atomic import write_text_atomic
 
-    write_atomic(Path(path), json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _one_line(error: BaseException) -> str:

@@ -27,7 +27,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .atomic import write_text_atomic
 from .recipes import Recipe
+from .report import REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +374,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     else:
         log("[5/5] no hub section: not pushed")
 
-    saved = json.loads((export_dir / "pruning_report.json").read_text(encoding="utf-8"))
+    saved = json.loads((export_dir / REPORT_FILE).read_text(encoding="utf-8"))
     summary = {
         "recipe": recipe.name,
         "output_dir": str(export_dir),
@@ -454,12 +456,10 @@ def recipe_record(recipe: Recipe) -> dict:
 
 def store_evaluation(export_dir, evaluation) -> None:
     """Put the evaluation into the checkpoint's pruning_report.json (atomically)."""
-    from .evaluation.results import write_atomic
-
-    path = Path(export_dir) / "pruning_report.json"
+    path = Path(export_dir) / REPORT_FILE
     report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     report["evaluation"] = evaluation.to_dict()
-    write_atomic(path, compact_json(report) + "\n")
+    write_text_atomic(path, compact_json(report) + "\n")
 
 
 def compact_json(value, indent: int = 0) -> str:

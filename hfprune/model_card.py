@@ -22,16 +22,17 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .atomic import write_bytes_atomic
+from .report import REPORT_FILE
+
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "pruning_report.json"
 CARD_FILE = "README.md"
 CHART_FILE = "pruned_widths.png"
 # The first line of the body of every card written here. `push_pruned` regenerates a card that
@@ -245,22 +246,7 @@ def width_chart(report: dict, path: PathLike, config: Optional[dict] = None) -> 
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})  # no version chunk: bytes = drawing
-    return _write_atomic(Path(path), buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _chart_title(report: dict) -> str:
@@ -353,7 +339,7 @@ def write_model_card(
     if chart is None:
         (checkpoint_dir / CHART_FILE).unlink(missing_ok=True)  # a stale chart would contradict the card
     card = build_model_card(checkpoint_dir, repo_id=repo_id, evaluation=evaluation, metadata=metadata)
-    return _write_atomic(checkpoint_dir / CARD_FILE, str(card).encode("utf-8"))
+    return write_bytes_atomic(checkpoint_dir / CARD_FILE, str(card).encode("utf-8"))
 
 
 def generated_for(path: PathLike) -> Optional[str]:

@@ -48,6 +48,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 
+from .atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -363,7 +365,7 @@ def _convert_into_cache(model_id: str, gguf_path: Path, repo_dir: Path) -> Path:
 
         current = _main_snapshot(repo_dir)
         if current is None or current == snapshot or not _is_complete(current):
-            _write_atomically(repo_dir / "refs" / "main", commit)
+            write_text_atomic(repo_dir / "refs" / "main", commit)
         else:
             logger.warning("refs/main keeps pointing at the complete snapshot %s", current)
         logger.warning("Converted %s in %.1f s: %s", model_id, time.perf_counter() - started, snapshot)
@@ -418,13 +420,6 @@ def _link_or_copy(blob: Path, link: Path) -> None:
         os.symlink(os.path.relpath(blob, link.parent), link)
     except OSError:
         shutil.copyfile(blob, link)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

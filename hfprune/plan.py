@@ -178,15 +178,18 @@ def _schedule_text(schedule: dict) -> str:
 # ---- the dry run --------------------------------------------------------------------------------------------
 
 
-def placeholder_scores(layer):
+def placeholder_scores(structure) -> dict:
     """Zero for every group: `allocate` then removes the lowest indices (its sorts are stable)."""
     from .importance import GroupScores
 
-    return GroupScores(
-        heads=torch.zeros(layer.num_heads),
-        kv_groups=torch.zeros(layer.num_kv_heads),
-        channels=torch.zeros(layer.intermediate_size),
-    )
+    return {
+        layer.index: GroupScores(
+            heads=torch.zeros(layer.num_heads),
+            kv_groups=torch.zeros(layer.num_kv_heads),
+            channels=torch.zeros(layer.intermediate_size),
+        )
+        for layer in structure.prunable_layers
+    }
 
 
 def build_meta_model(config):
@@ -230,11 +233,12 @@ def dry_run(
             downloaded model's own config).
         steps_source: how `total_steps` was found, for the printout.
     """
-    from .allocation import allocate, check_feasible, discover_for_config, removed_params
+    from .allocation import allocate, check_feasible
     from .estimate import load_model_config
     from .recipes import Recipe
     from .schedule import PruningSchedule
-    from .structure import discover
+    from .sparsity import removed_params
+    from .structure import discover, discover_for_config
     from .surgery import remove_pruned_groups
 
     timings: dict[str, float] = {}
@@ -276,7 +280,7 @@ def dry_run(
         clock = time.perf_counter()
         lora = recipe.lora if recipe is not None and recipe.lora is not None else None
         if lora is None:
-            from .trainer import default_lora_config
+            from .adapters import default_lora_config
 
             lora = default_lora_config()
         from peft import get_peft_model
@@ -292,7 +296,7 @@ def dry_run(
     before = {layer.index: (layer.widths(), _layer_params(layer)) for layer in structure}
     prunable = structure.prunable_params()
     protected = set(structure.protected)
-    masks = allocate(structure, placeholder_scores, config, 1.0)
+    masks = allocate(structure, placeholder_scores(structure), config, 1.0)
     removed = removed_params(structure, masks)
     timings["allocate"] = time.perf_counter() - clock
 

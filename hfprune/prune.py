@@ -7,30 +7,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .allocation import allocate, check_feasible, discover_for_config
+from .allocation import allocate, check_feasible
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
-from .importance import ImportanceCriterion, ScoreAccumulator, get_importance
-from .structure import ModelStructure, unwrap_model
+from .importance import make_accumulator, make_criterion, score_model
+from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
-
-
-def make_criterion(config: PruningConfig) -> ImportanceCriterion:
-    criterion = get_importance(config.importance)
-    if hasattr(criterion, "seed"):
-        criterion.seed = config.seed
-    return criterion
-
-
-def score_model(structure: ModelStructure, criterion: ImportanceCriterion, accumulator: ScoreAccumulator) -> bool:
-    """Score every prunable layer once and fold the result into `accumulator`."""
-    step_scores = {}
-    for layer in structure.prunable_layers:
-        scores = criterion.score_layer(layer)
-        if scores is None:
-            return False
-        step_scores[layer.index] = scores
-    return accumulator.update(step_scores)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -52,8 +34,7 @@ def prune_model(
     check_feasible(structure, config)
     quiet_int8_cast_warning()
     criterion = make_criterion(config)
-    accumulator = ScoreAccumulator(decay=0.0, normalize=config.normalize == "module",
-                                   signed=getattr(criterion, "signed", False))
+    accumulator = make_accumulator(config, criterion, one_shot=True)
     if criterion.needs == "nothing":
         score_model(structure, criterion, accumulator)
     else:
@@ -69,9 +50,8 @@ def prune_model(
             else:
                 _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
         finally:
-            if hasattr(criterion, "release"):  # hook-based criteria must not outlive the call
-                criterion.release()
-    masks = allocate(structure, lambda layer: accumulator.group_scores(layer.index, layer.n_rep), config, 1.0)
+            criterion.release()  # hooks must not outlive the call, unfrozen weights are frozen again
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     remove_pruned_groups(structure, masks)
     return model
 

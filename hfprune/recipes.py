@@ -79,12 +79,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .adapters import DEFAULT_LORA_TARGETS
 from .config import PruningConfig
 
 SECTIONS = ("model", "lora", "pruning", "distillation", "data", "training", "export", "eval", "hub")
 TOP_LEVEL = ("name", "description") + SECTIONS
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow")
-LORA_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 MIXING = ("first_exhausted", "all_exhausted", "phases")
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -360,7 +360,7 @@ def check_consistency(recipe: Recipe) -> None:
         criterion = get_importance(pruning.importance)
     except ValueError as error:
         raise RecipeError(f"{where}: pruning.importance: {_one_line(error)}") from None
-    if getattr(criterion, "needs", None) == "weight_gradients" and model["load_in_8bit"]:
+    if criterion.needs_weight_gradients and model["load_in_8bit"]:
         raise RecipeError(
             f"{where}: model.load_in_8bit=true with pruning.importance={pruning.importance!r}: this criterion needs "
             "full weight gradients, which an 8-bit base cannot have; set model.load_in_8bit: false or "
@@ -380,7 +380,7 @@ def check_consistency(recipe: Recipe) -> None:
             raise RecipeError(
                 f"{where}: lora.target_modules={_target_modules(recipe.lora)!r}: importance='lora' reads the LoRA "
                 f"factors of every projection it prunes, but {missing} carry no adapter; use target_modules: "
-                f"[{', '.join(LORA_ROLES)}] (or all-linear), or another pruning.importance"
+                f"[{', '.join(DEFAULT_LORA_TARGETS)}] (or all-linear), or another pruning.importance"
             )
         if getattr(recipe.lora, "use_dora", False):
             raise RecipeError(f"{where}: lora.use_dora=true: DoRA layers cannot be pruned; use plain LoRA")
@@ -393,18 +393,18 @@ def _target_modules(lora):
 
 def _lora_missing_roles(lora) -> list[str]:
     if lora is None:
-        return list(LORA_ROLES)
+        return list(DEFAULT_LORA_TARGETS)
     modules = lora.target_modules
     if modules is None:
-        return list(LORA_ROLES)
+        return list(DEFAULT_LORA_TARGETS)
     if isinstance(modules, str):
         if modules == "all-linear":
             return []
         # A regular expression over module names: check it the way peft will.
-        return [role for role in LORA_ROLES if not re.fullmatch(modules, f"model.layers.0.self_attn.{role}")
+        return [role for role in DEFAULT_LORA_TARGETS if not re.fullmatch(modules, f"model.layers.0.self_attn.{role}")
                 and not re.fullmatch(modules, f"model.layers.0.mlp.{role}")]
     names = set(modules)
-    return [role for role in LORA_ROLES if not any(name == role or name.endswith("." + role) for name in names)]
+    return [role for role in DEFAULT_LORA_TARGETS if not any(name == role or name.endswith("." + role) for name in names)]
 
 
 # ---- overrides and environment ----------------------------------------------------------------------------
@@ -611,13 +611,13 @@ def _build_lora(values: dict, pruning: PruningConfig, where: str, given: bool):
     if not given:
         if pruning.importance != "lora":
             return None
-        from .trainer import default_lora_config
+        from .adapters import default_lora_config
 
         return default_lora_config()
     values = dict(values)
     values.setdefault("task_type", "CAUSAL_LM")
     # peft's own default (q and v only, for Llama) cannot feed the lora criterion; LoRAPrune adapts all seven.
-    values.setdefault("target_modules", list(LORA_ROLES))
+    values.setdefault("target_modules", list(DEFAULT_LORA_TARGETS))
     return _dataclass_section(LoraConfig, values, where, "lora")
 
 

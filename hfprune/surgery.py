@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from .masking import PruningMasks, validate_masks
-from .structure import LayerStructure, ModelStructure, base_layer, head_rows, is_lora_wrapped
-
-
+from .structure import PROJECTION_ROLES, LayerStructure, ModelStructure, base_layer, head_rows, is_lora_wrapped
 
 def is_int8_linear(module: nn.Module) -> bool:
     """bitsandbytes `Linear8bitLt`, recognised without importing bitsandbytes (slow, noisy import)."""
@@ -78,9 +76,16 @@ def _slice_int8_linear_(module: nn.Module, dim: int, index: torch.Tensor) -> lis
     return records
 
 
+def _is_lora_variant(module: nn.Module) -> bool:
+    """DoRA and embedding LoRA carry tensors that plain row/column slicing does not cover."""
+    return is_lora_wrapped(module) and any(
+        len(getattr(module, name, {})) for name in ("lora_magnitude_vector", "lora_embedding_A")
+    )
+
+
 def _slice_lora_(module: nn.Module, dim: int, index: torch.Tensor) -> list[SlicedParameter]:
     """LoRA computes B(A(x)): input pruning slices A's columns, output pruning B's rows."""
-    if any(len(getattr(module, name, {})) for name in ("lora_magnitude_vector", "lora_embedding_A")):
+    if _is_lora_variant(module):
         raise TypeError(f"{type(module).__name__}: DoRA / embedding LoRA layers cannot be pruned; use plain LoRA")
     records = slice_linear_(module.base_layer, dim, index)
     adapters = module.lora_A if dim == 1 else module.lora_B
@@ -189,12 +194,9 @@ def remove_pruned_groups(structure: ModelStructure, masks: PruningMasks) -> list
     """Physically remove every group `masks` drops. Validates everything before touching a weight."""
     validate_masks(structure, masks)
     for layer in structure:
-        for role in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            module = layer.projection(role)
-            if is_lora_wrapped(module) and any(
-                len(getattr(module, name, {})) for name in ("lora_magnitude_vector", "lora_embedding_A")
-            ):
-                raise TypeError(f"layer {layer.index} {role}: DoRA layers cannot be pruned; use plain LoRA")
+        for role in PROJECTION_ROLES:
+            if _is_lora_variant(layer.projection(role)):
+                raise TypeError(f"layer {layer.index} {role}: DoRA / embedding LoRA layers cannot be pruned; use plain LoRA")
     records: list[SlicedParameter] = []
     for layer in structure:
         mask = masks[layer.index]

@@ -30,22 +30,16 @@ from transformers import (
     TrainingArguments,
 )
 
+from .adapters import default_lora_config
 from .callback import PruningCallback
 from .config import PruningConfig
 from .data import prepare_dataset
-from .structure import unwrap_model
+from .importance import make_criterion
+from .report import REPORT_FILE
+from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def default_lora_config():
-    """LoRAPrune's setting: rank 8 on every projection the criterion reads."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=DEFAULT_LORA_TARGETS, task_type="CAUSAL_LM")
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -120,9 +114,7 @@ class PruningTrainer(Trainer):
         self._warned_no_teacher = False
         self._distill_sums: dict[str, float] = {}  # loss parts since the last log, as `distill/<part>` means
         self._distill_count = 0
-        from .prune import make_criterion
-
-        needs_full_gradients = make_criterion(self.pruning_config).needs == "weight_gradients"
+        needs_full_gradients = make_criterion(self.pruning_config).needs_weight_gradients
         if isinstance(model, str):
             if load_in_8bit is None:
                 load_in_8bit = quantization_config is None and not needs_full_gradients
@@ -200,8 +192,6 @@ class PruningTrainer(Trainer):
         # fresh model the same way before the Trainer loads them into it.
         removal = PruningCallback.removal_masks_in(resume_from_checkpoint)
         if removal is not None and not self.pruning_callback.physically_pruned:
-            from .allocation import discover_for_config
-
             structure = discover_for_config(self.model, self.pruning_config)
             if all(len(removal[i].heads) == layer.num_heads for i, layer in enumerate(structure.layers)):
                 remove_pruned_groups(structure, removal)
@@ -240,7 +230,7 @@ class PruningTrainer(Trainer):
         from .distill import distillation_step
 
         # Hook-based criteria must not record the teacher's forward either.
-        switches = [callback.hooks] + ([callback.criterion] if hasattr(callback.criterion, "enabled") else [])
+        switches = [callback.hooks, callback.criterion]
         # As Trainer.compute_loss does: the token count over all accumulated micro-batches normalises the loss
         # only when the Trainer expects it to (otherwise it divides by the accumulation steps itself).
         scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
@@ -273,7 +263,7 @@ class PruningTrainer(Trainer):
             return None
         from .export import save_pruned
 
-        previous_export = os.path.exists(os.path.join(output_dir, "pruning_report.json"))
+        previous_export = os.path.exists(os.path.join(output_dir, REPORT_FILE))
         return save_pruned(
             self.model,
             output_dir,

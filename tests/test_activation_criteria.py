@@ -14,7 +14,8 @@ from peft import LoraConfig
 from hfprune import PruningConfig
 from hfprune.importance import ScoreAccumulator, get_importance
 from hfprune.masking import MaskHooks, PruningMasks
-from hfprune.prune import prune_model, score_model
+from hfprune.importance import score_model
+from hfprune.prune import prune_model
 from hfprune.structure import discover
 
 from .tiny_models import (

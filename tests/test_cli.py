@@ -155,7 +155,7 @@ def test_prune_runs_a_tiny_recipe_end_to_end(capsys, tmp_path, tiny_base, local_
     pytest.importorskip("hfprune.export")
     from transformers import AutoModelForCausalLM
 
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
 
     path = _recipe(tmp_path, tiny_base, hub={"repo_id": "test-user/tiny-cli", "token_env": "HF_TOKEN"})
     code, out, err = _run(capsys, "prune", str(path), "pruning.target_sparsity=0.5", "--json", str(tmp_path / "s.json"))

@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from hfprune import PruningConfig, get_importance, register_importance
 from hfprune.allocation import allocate
 from hfprune.importance import ImportanceCriterion, ScoreAccumulator
-from hfprune.prune import _score_with_gradients, score_model
+from hfprune.importance import score_model
+from hfprune.prune import _score_with_gradients
 from hfprune.structure import discover
 
 from .tiny_models import (
@@ -44,7 +45,7 @@ def test_criterion_ranks_the_dead_group_and_channels_lowest(importance):
     assert lowest == set(DEAD_CHANNELS)
     # and the allocation removes exactly them
     config = PruningConfig(head_sparsity=0.5, channel_sparsity=3 / 96, protected_layers=())
-    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     assert masks[DEAD_LAYER].kv_groups(2).tolist() == [True, False]
     assert set((~masks[DEAD_LAYER].channels).nonzero().squeeze(1).tolist()) == set(DEAD_CHANNELS)
 
@@ -144,3 +145,29 @@ def test_prune_model_keeps_activation_checkpointing_and_no_dropout():
         calls.clear()
     for a, b, c in zip(*kept):
         assert torch.equal(a, b) and torch.equal(b, c)  # dropout off: the same scores, the same groups kept
+
+
+def test_a_registered_criterion_must_declare_a_known_need():
+    @register_importance("unit_test_bad_needs", overwrite=True)
+    class BadNeeds(ImportanceCriterion):
+        needs = "gradients_please"
+
+    with pytest.raises(ValueError, match="needs='gradients_please' must be one of nothing, forward"):
+        get_importance("unit_test_bad_needs")
+
+    register_importance("unit_test_not_a_criterion", lambda: object(), overwrite=True)
+    with pytest.raises(TypeError, match="returned object, not an hfprune.importance.ImportanceCriterion"):
+        get_importance("unit_test_not_a_criterion")
+
+
+def test_every_built_in_criterion_declares_what_the_estimator_and_trainer_read():
+    from hfprune.importance import NEEDS, available_importances
+
+    for name in available_importances():
+        if name.startswith("unit_test"):
+            continue
+        criterion = get_importance(name)
+        assert criterion.needs in NEEDS
+        assert criterion.needs_weight_gradients == (name in ("taylor", "taylor2", "vector"))
+        assert criterion.work_buffers >= 0 and criterion.weight_state_buffers >= 0
+        criterion.release()  # a criterion that was never prepared releases nothing, without error

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from hfprune import PruningConfig, PruningMasks, apply_masks, discover, prune_model, remove_pruned_groups
-from hfprune.allocation import allocate, count_parameters, removed_params
+from hfprune.allocation import allocate
+from hfprune.sparsity import count_parameters, removed_params
 from hfprune.importance import ScoreAccumulator, get_importance
 from hfprune.masking import LayerMask
-from hfprune.prune import score_model
+from hfprune.importance import score_model
 from hfprune.structure import head_rows
 
 from .tiny_models import ARCHITECTURES, batch, tiny_model
@@ -20,7 +21,7 @@ def _random_masks(structure, config):
     criterion.seed = 3
     accumulator = ScoreAccumulator(normalize=False)
     score_model(structure, criterion, accumulator)
-    return allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    return allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
 
 
 CASES = [
@@ -170,7 +171,7 @@ def test_magnitude_scores_a_dead_head_lowest():
     structure = discover(model, protected_layers=())
     accumulator = ScoreAccumulator()
     score_model(structure, get_importance("magnitude"), accumulator)
-    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     assert masks[2].kv_groups(2).tolist() == [True, False]
 
 
@@ -256,7 +257,7 @@ def test_global_allocation_respects_floors_and_the_exact_target():
         model.model.layers[3].mlp.down_proj.weight.mul_(0.01)
     accumulator = ScoreAccumulator(normalize=False)
     score_model(structure, get_importance("magnitude"), accumulator)
-    masks = allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     removed = removed_params(structure, masks)
     assert abs(removed - 0.35 * prunable) <= 3 * 64  # within one channel
     kept_channels = {i: int(masks[i].channels.sum()) for i in range(1, 6)}

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hfprune import PruningConfig, discover, prune_model, remove_pruned_groups
-from hfprune.allocation import allocate, count_parameters
+from hfprune.allocation import allocate
+from hfprune.sparsity import count_parameters
 from hfprune.export import check_no_pickles, register_auto_classes, save_pruned, validate_checkpoint_shapes
 from hfprune.export.safety import PickleCheckpointError
 from hfprune.importance import ScoreAccumulator, get_importance
-from hfprune.prune import score_model
+from hfprune.importance import score_model
 
 from .hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 from .tiny_models import ARCHITECTURES, batch, tiny_model
@@ -36,7 +37,7 @@ def _masks(structure, config):
     criterion.seed = 3
     accumulator = ScoreAccumulator(normalize=False)
     score_model(structure, criterion, accumulator)
-    return allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    return allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
 
 
 def _pruned(arch: str, uniform: bool, **overrides):

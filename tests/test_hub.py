@@ -63,7 +63,7 @@ EVALUATION = {  # the shape of EvaluationReport.to_dict(); numbers are test data
 @pytest.fixture
 def stock_checkpoint(tmp_path):
     """A uniformly pruned tiny Llama saved as a stock checkpoint (no hfprune.export): (dir, model)."""
-    from hfprune.allocation import count_parameters
+    from hfprune.sparsity import count_parameters
 
     model = tiny_model("llama")
     original = _widths(model)[0]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from hfprune import PruningConfig, apply_masks, discover, remove_pruned_groups
 from hfprune.allocation import allocate
 from hfprune.importance import ScoreAccumulator, get_importance
-from hfprune.prune import score_model
+from hfprune.importance import score_model
 
 from .tiny_models import batch, save_tiny
 
@@ -29,7 +29,7 @@ def _masks(structure):
     criterion.seed = 5
     score_model(structure, criterion, accumulator)
     config = PruningConfig(head_sparsity=0.5, channel_sparsity=0.3, protected_layers=(0,))
-    return allocate(structure, lambda l: accumulator.group_scores(l.index, l.n_rep), config, 1.0)
+    return allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
 
 
 @pytest.mark.parametrize("with_lora", [False, True])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hfprune import PruningConfig, prune_model
-from hfprune.allocation import count_parameters
+from hfprune.sparsity import count_parameters
 from hfprune.plan import PLACEHOLDER_NOTE, dry_run, steps_for
 from hfprune.schedule import PruningSchedule
 from hfprune.structure import discover
@@ -129,7 +129,8 @@ def test_uniform_settings_no_layer_can_satisfy_are_refused():
     with pytest.raises(ValueError, match=r"uniform=True with protected_layers=\(0,\).*cannot protect layers"):
         dry_run(tiny_config("llama"), PruningConfig(uniform=True, protected_layers=(0,)))
     # Uniform pruning of a model whose layers already differ (a heterogeneous checkpoint) cannot be uniform.
-    from hfprune.allocation import check_feasible, discover_for_config
+    from hfprune.allocation import check_feasible
+    from hfprune.structure import discover_for_config
 
     model = prune_model(tiny_model("llama"), PruningConfig(target_sparsity=0.5, importance="magnitude",
                                                            protected_layers=(0,)))

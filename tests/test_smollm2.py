@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from hfprune import PruningConfig, PruningTrainer, prune_model
-from hfprune.allocation import count_parameters
+from hfprune.sparsity import count_parameters
 from hfprune.data import calibration_batches, read_texts
 from hfprune.evaluation import perplexity
 from hfprune.structure import discover

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from hfprune import PruningCallback, PruningConfig, PruningTrainer
-from hfprune.allocation import count_parameters
+from hfprune.sparsity import count_parameters
 from hfprune.structure import discover
 
 from .tiny_models import alpaca_records, save_tiny, tiny_model, tiny_tokenizer

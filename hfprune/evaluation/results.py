@@ -7,10 +7,10 @@ without this package; ``EvaluationReport.load`` rebuilds the dataclasses.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..atomic import write_text_atomic
 
 
 @dataclass
@@ -60,8 +60,8 @@ class EvaluationReport:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON; ``.md`` beside it gets :meth:`to_markdown`."""
         path = Path(path)
-        write_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        write_atomic(path.with_suffix(".md"), self.to_markdown())
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        write_text_atomic(path.with_suffix(".md"), self.to_markdown())
         return path
 
     @classmethod
@@ -104,19 +104,6 @@ class EvaluationReport:
             lines.append("| " + " | ".join(row[: len(header)]) + " |")
         notes = _notes(models)
         return "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- table helpers

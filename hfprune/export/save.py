@@ -21,21 +21,19 @@ Weights are merged in the checkpoint's dtype (`dtype`, else the original's, else
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory, check_output_dir
 from ..masking import PruningMasks
+from ..report import REPORT_FILE
 from ..structure import ModelStructure, discover, unwrap_model
 from .config import REMOTE_CODE_FILES, ExportConfig, build_export_config
 from .merge import ModelTensor, is_merged_in_memory, lora_delta, merged_tensor, model_tensors
@@ -45,7 +43,6 @@ from .streaming import OriginalCheckpoint, commit_from_cache_path, repo_id_from_
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "pruning_report.json"
 _CHECK_CHUNK = 1 << 18  # elements compared at a time by _check_frozen_tensor_matches
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 
@@ -83,7 +80,7 @@ def save_pruned(
             False always writes the heterogeneous format.
     """
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _parse_dtype(dtype)
     inner = unwrap_model(model)
@@ -117,7 +114,7 @@ def save_pruned(
         inner.config, structure, uniform=uniform, dtype=export_dtype, architecture=architecture
     )
 
-    with _atomic_directory(output_dir, overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         stats = _write_weights(writer, entries, tied, original, masks, structure, dtype, export_dtype)
         files = writer.finish()
@@ -390,7 +387,7 @@ def _report(inner, structure, masks, exported: ExportConfig, original, stats, fi
     parameters = {"before": before, "after": params_after}
     if before:
         parameters.update(removed=before - params_after, removed_fraction=round(1 - params_after / before, 6))
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "base_model": base_model,
@@ -442,44 +439,3 @@ def _dumps(value: Any, indent: int = 0) -> str:
         items = [f"{pad}  {_dumps(v, indent + 1)}" for v in value]
         return "[\n" + ",\n".join(items) + f"\n{pad}]"
     return json.dumps(value, default=str)
-
-
-# ---- atomic directory ------------------------------------------------------------------------------------
-
-
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} exists and is not empty; pass overwrite=True to replace it"
-        )
-
-
-@contextlib.contextmanager
-def _atomic_directory(output_dir: Path, overwrite: bool):
-    """Yield a temporary directory beside `output_dir`; on success it replaces `output_dir`.
-
-    On any error the temporary directory is removed and `output_dir` is left as it was.
-    """
-    parent = output_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        _check_output_dir(output_dir, overwrite)  # nobody filled it meanwhile
-        if output_dir.exists():
-            old = parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output_dir, old)
-            try:
-                os.rename(tmp, output_dir)
-            except BaseException:
-                os.rename(old, output_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

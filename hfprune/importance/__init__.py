@@ -11,26 +11,35 @@
 from . import activation, activation_taylor, lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
 from .accumulator import ScoreAccumulator
 from .base import (
+    NEEDS,
     ROLES,
     GroupScores,
     ImportanceCriterion,
     ModuleScores,
+    Needs,
     available_importances,
     get_importance,
     group_scores,
     normalize_module_scores,
     register_importance,
 )
+from .scoring import make_accumulator, make_criterion, score_layers, score_model
 
 __all__ = [
+    "NEEDS",
     "ROLES",
     "GroupScores",
     "ImportanceCriterion",
     "ModuleScores",
+    "Needs",
     "ScoreAccumulator",
     "available_importances",
     "get_importance",
     "group_scores",
+    "make_accumulator",
+    "make_criterion",
     "normalize_module_scores",
     "register_importance",
+    "score_layers",
+    "score_model",
 ]

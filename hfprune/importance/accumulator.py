@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
+from ..structure import LayerStructure
 from .base import GroupScores, ModuleScores, group_scores, normalize_module_scores
 
 
@@ -51,6 +52,22 @@ class ScoreAccumulator:
         if self.signed:
             groups = GroupScores(groups.heads.abs(), groups.kv_groups.abs(), groups.channels.abs())
         return groups
+
+    def layer_scores(self, layers: Iterable[LayerStructure]) -> dict[int, GroupScores]:
+        """Group scores of every layer in `layers` (what `allocate` reads). Raises when a layer has no
+        score yet: every step so far had nothing to score or was skipped as non-finite."""
+        out = {}
+        for layer in layers:
+            found = self.group_scores(layer.index, layer.n_rep)
+            if found is None:
+                raise RuntimeError(
+                    f"no importance scores for layer {layer.index} yet ({self.num_updates} scored steps, "
+                    f"{self.num_skipped} skipped as non-finite): the criterion must score at least one step "
+                    "before groups can be chosen; check that the scoring data reaches the criterion (gradients "
+                    "reach the LoRA layers, the loss is finite)"
+                )
+            out[layer.index] = found
+        return out
 
     def reset(self) -> None:
         self.scores.clear()

@@ -18,12 +18,21 @@ into the scores of the removable groups (query head, KV group, MLP channel).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 from torch import nn
 
 from ..structure import LayerStructure, base_layer
+
+#: What must exist when a criterion scores, and so what the caller must run before it:
+#:   nothing               weights only (magnitude, random)
+#:   forward               forward passes, no gradient at all (activation, flap)
+#:   activation_gradients  a backward pass reaching the activations; no weight gradient (activation_taylor)
+#:   lora_gradients        gradients of the LoRA factors (lora)
+#:   weight_gradients      full gradients of the base weights (taylor, taylor2, vector): no quantized base
+Needs = Literal["nothing", "forward", "activation_gradients", "lora_gradients", "weight_gradients"]
+NEEDS: tuple[str, ...] = get_args(Needs)
 
 # (role, reduced dimension of the weight, unit) — output rows for the producers,
 # input columns for the consumers.
@@ -74,17 +83,43 @@ def group_scores(scores: ModuleScores, n_rep: int) -> GroupScores:
 
 
 class ImportanceCriterion:
-    """Base class: subclass, set `name`, implement `element_importance` (or `score_layer`).
+    """Base class: subclass, set `name` and `needs`, implement `element_importance` (or `score_layer`).
 
-    `needs` tells the caller what must exist when `score_layer` runs:
-    "nothing", "lora_gradients" (LoRA A/B grads) or "weight_gradients" (base weight grads).
+    Everything the rest of hfprune asks of a criterion is declared here, with do-nothing defaults:
+
+    * `needs` (see `Needs`): what the caller runs before `score_layer` (forward passes, a backward pass,
+      full weight gradients); it also decides whether a quantized base can be scored;
+    * `signed`: element scores are signed; the absolute value is taken once per group (LLM-Pruner's vector);
+    * `seed`: set from `PruningConfig.seed` by `make_criterion`, for criteria that draw random numbers;
+    * `enabled`: hook-based criteria record nothing while it is False (a distillation teacher's forward);
+    * `prepare(model, layers)` before scoring starts (register hooks, unfreeze weights), idempotent;
+      `release()` when scoring is over (remove hooks, freeze again); `reset()` drops what was recorded;
+    * `work_buffers`: float32 buffers the size of the largest scored weight matrix alive while
+      `score_layer` runs, and `weight_state_buffers`: buffers the size of every scored weight kept between
+      steps (taylor2's Fisher diagonal), both for the memory estimator.
     """
 
     name: str = ""
-    needs: str = "nothing"
+    needs: Needs = "nothing"
+    signed: bool = False
+    seed: int = 0
+    enabled: bool = True
+    work_buffers: int = 0
+    weight_state_buffers: int = 0
+
+    @property
+    def needs_weight_gradients(self) -> bool:
+        """Full gradients of the base weights: impossible on a quantized (int8 / 4-bit) base."""
+        return self.needs == "weight_gradients"
 
     def prepare(self, model: nn.Module, layers: list[LayerStructure]) -> None:
         """Called once before scoring (e.g. to unfreeze weights or register hooks)."""
+
+    def release(self) -> None:
+        """Called when scoring is over: undo what `prepare` did."""
+
+    def reset(self) -> None:
+        """Forget what was recorded since the last `score_layer`."""
 
     def element_importance(self, module: nn.Module, rows: slice) -> Optional[torch.Tensor]:
         """Element-wise importance of `module`'s weight rows `rows` ([len(rows), in], float32),
@@ -136,4 +171,10 @@ def available_importances() -> tuple[str, ...]:
 def get_importance(name: str, **kwargs) -> ImportanceCriterion:
     if name not in _REGISTRY:
         raise ValueError(f"importance={name!r}: unknown criterion; available: {', '.join(available_importances())}")
-    return _REGISTRY[name](**kwargs)
+    criterion = _REGISTRY[name](**kwargs)
+    if not isinstance(criterion, ImportanceCriterion):
+        raise TypeError(f"importance={name!r}: the registered factory returned {type(criterion).__name__}, "
+                        "not an hfprune.importance.ImportanceCriterion")
+    if criterion.needs not in NEEDS:
+        raise ValueError(f"importance={name!r}: needs={criterion.needs!r} must be one of {', '.join(NEEDS)}")
+    return criterion

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..adapters import DEFAULT_LORA_TARGETS
 from .base import ROLES, ImportanceCriterion, register_importance
 from .weights import active_lora_factors, effective_weight
 
@@ -33,6 +34,7 @@ from .weights import active_lora_factors, effective_weight
 class LoRAImportance(ImportanceCriterion):
     name = "lora"
     needs = "lora_gradients"
+    work_buffers = 3  # the estimate G, the effective weight W + s·B·A, their product
 
     def prepare(self, model, layers) -> None:
         missing = [
@@ -45,8 +47,7 @@ class LoRAImportance(ImportanceCriterion):
             shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
             raise ValueError(
                 f"importance='lora' reads the LoRA factors of every prunable projection, but {shown} carry no LoRA "
-                "adapter; use LoraConfig(target_modules=['q_proj','k_proj','v_proj','o_proj','gate_proj','up_proj',"
-                "'down_proj']) or protect those layers"
+                f"adapter; use LoraConfig(target_modules={DEFAULT_LORA_TARGETS}) or protect those layers"
             )
 
     def element_importance(self, module, rows) -> Optional[torch.Tensor]:

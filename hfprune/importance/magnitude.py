@@ -12,6 +12,7 @@ from .weights import effective_weight
 class MagnitudeImportance(ImportanceCriterion):
     name = "magnitude"
     needs = "nothing"
+    work_buffers = 1  # |W|
 
     def __init__(self, p: int = 1):
         if p not in (1, 2):

@@ -49,6 +49,7 @@ class TaylorImportance(ImportanceCriterion):
 
     name = "taylor"
     needs = "weight_gradients"
+    work_buffers = 2  # W·g and its absolute value
 
     def __init__(self):
         self._unfrozen: list[torch.nn.Parameter] = []
@@ -73,6 +74,8 @@ class TaylorImportance(ImportanceCriterion):
 @register_importance("taylor2")
 class SecondOrderTaylorImportance(TaylorImportance):
     name = "taylor2"
+    work_buffers = 3  # W·g, ½·W²·F and their difference
+    weight_state_buffers = 1  # the Fisher diagonal of every scored weight, kept between scorings
 
     def __init__(self):
         super().__init__()
@@ -129,6 +132,7 @@ class VectorTaylorImportance(TaylorImportance):
     name = "vector"
     # Signed element scores; the absolute value is taken once per group (see `signed`).
     signed = True
+    work_buffers = 2
 
     def element_importance(self, module, rows) -> Optional[torch.Tensor]:
         grad = weight_gradient(module, rows)

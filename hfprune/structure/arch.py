@@ -16,6 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: The projections of every supported family, by role. An `ArchitectureSpec` maps each role to the
+#: module's name in that family (the same names for every family hfprune ships).
+ATTENTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
+PROJECTION_ROLES = ATTENTION_ROLES + MLP_ROLES
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -33,13 +39,16 @@ class ArchitectureSpec:
     per_head_q_norms: tuple[str, ...] = field(default=())
     per_head_kv_norms: tuple[str, ...] = field(default=())
 
-    @property
-    def attention_projections(self) -> tuple[str, str, str, str]:
-        return (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+    def name(self, role: str) -> str:
+        """The module name of a projection role (`"q_proj"` -> this family's query projection)."""
+        if role not in PROJECTION_ROLES:
+            raise ValueError(f"role={role!r}: must be one of {', '.join(PROJECTION_ROLES)}")
+        return getattr(self, role)
 
     @property
-    def mlp_projections(self) -> tuple[str, str, str]:
-        return (self.gate_proj, self.up_proj, self.down_proj)
+    def projection_names(self) -> tuple[str, ...]:
+        """Module names of the seven projections, in `PROJECTION_ROLES` order."""
+        return tuple(getattr(self, role) for role in PROJECTION_ROLES)
 
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}

@@ -18,12 +18,15 @@ layers) or loaded from a pruned checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from torch import nn
 
-from .arch import ArchitectureSpec, get_architecture
+from .arch import ATTENTION_ROLES, PROJECTION_ROLES, ArchitectureSpec, get_architecture
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
 
 
 def base_layer(module: nn.Module) -> nn.Module:
@@ -76,9 +79,8 @@ class LayerStructure:
 
     def projection(self, role: str) -> nn.Module:
         """The module currently at q_proj/k_proj/.../down_proj (a LoRA wrapper if peft added one)."""
-        name = getattr(self.spec, role)
-        parent = self.attention if role in ("q_proj", "k_proj", "v_proj", "o_proj") else self.mlp
-        return getattr(parent, name)
+        parent = self.attention if role in ATTENTION_ROLES else self.mlp
+        return getattr(parent, self.spec.name(role))
 
     @property
     def num_heads(self) -> int:
@@ -194,9 +196,8 @@ def discover(model: nn.Module, protected_layers: Optional[tuple[int, ...]] = Non
         head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
         head_dim = head_dim or hidden_size // config.num_attention_heads
         structure = LayerStructure(index=index, layer=layer, spec=spec, head_dim=int(head_dim), hidden_size=hidden_size)
-        for role in spec.__dataclass_fields__:
-            if role.endswith("_proj"):
-                _check_linear(structure.projection(role), f"layer {index} {getattr(spec, role)}")
+        for role in PROJECTION_ROLES:
+            _check_linear(structure.projection(role), f"layer {index} {spec.name(role)}")
         if structure.num_heads % structure.num_kv_heads:
             raise ValueError(
                 f"layer {index}: {structure.num_heads} query heads do not divide into {structure.num_kv_heads} KV heads"
@@ -210,6 +211,20 @@ def discover(model: nn.Module, protected_layers: Optional[tuple[int, ...]] = Non
         raise ValueError(f"protected_layers={tuple(protected_layers)}: {bad} out of range for {num_layers} layers")
     protected = frozenset(i % num_layers for i in protected_layers)
     return ModelStructure(model=inner, spec=spec, layers=layers, protected=protected)
+
+
+def discover_for_config(model: nn.Module, config: "PruningConfig") -> ModelStructure:
+    """`discover` with the config's protected layers (none by default in uniform mode,
+    where every layer must end with the same widths)."""
+    protected = config.protected_layers
+    if config.uniform:
+        if protected:
+            raise ValueError(
+                f"uniform=True with protected_layers={protected}: a stock config has one width for every layer, "
+                "so uniform pruning cannot protect layers; pass protected_layers=() or uniform=False"
+            )
+        protected = ()
+    return discover(model, protected_layers=protected)
 
 
 def head_rows(head_indices: torch.Tensor, head_dim: int) -> torch.Tensor:

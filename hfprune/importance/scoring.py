@@ -1,0 +1,51 @@
+"""One way to score a model: the criterion a config names, its accumulator, and one scoring pass.
+
+The training callback (every optimizer step) and `prune_model` (one shot) both call `score_model`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..structure import ModelStructure
+from .accumulator import ScoreAccumulator
+from .base import ImportanceCriterion, ModuleScores, get_importance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+
+
+def make_criterion(config: "PruningConfig") -> ImportanceCriterion:
+    """The registered criterion `config.importance`, seeded with `config.seed`; unknown names raise here."""
+    criterion = get_importance(config.importance)
+    criterion.seed = config.seed
+    return criterion
+
+
+def make_accumulator(config: "PruningConfig", criterion: ImportanceCriterion, *, one_shot: bool = False) -> ScoreAccumulator:
+    """The EMA the config asks for (`one_shot`: no history, the last scoring is the score)."""
+    return ScoreAccumulator(
+        decay=0.0 if one_shot else config.ema_decay,
+        normalize=config.normalize == "module",
+        signed=criterion.signed,
+    )
+
+
+def score_layers(structure: ModelStructure, criterion: ImportanceCriterion) -> dict[int, ModuleScores]:
+    """Every prunable layer's module scores, or {} when the criterion has nothing to score yet."""
+    step_scores = {}
+    for layer in structure.prunable_layers:
+        scores = criterion.score_layer(layer)
+        if scores is None:
+            return {}
+        step_scores[layer.index] = scores
+    return step_scores
+
+
+def score_model(structure: ModelStructure, criterion: ImportanceCriterion, accumulator: ScoreAccumulator) -> bool:
+    """Score every prunable layer once and fold the result into `accumulator`.
+
+    False when nothing was folded in: the criterion had nothing to score (no gradient this step) or
+    the scores were not finite (the accumulator counts those in `num_skipped`).
+    """
+    return accumulator.update(score_layers(structure, criterion))
