@@ -42,8 +42,8 @@ def test_the_expected_recipes_exist():
 def test_recipe_dry_runs_to_its_target(path, plans):
     results, _ = plans
     recipe, plan = results[path.name]
-    assert recipe.model["model_config"], "every recipe names a model config for dry runs"
-    assert plan.model == recipe.model["model_config"]
+    assert recipe.model.model_config, "every recipe names a model config for dry runs"
+    assert plan.model == recipe.model.model_config
     assert abs(plan.reached_sparsity - recipe.pruning.target_sparsity) < 0.01
     assert plan.params_after < plan.params_before
     assert plan.params_before - plan.params_after == plan.removed_params
@@ -72,7 +72,7 @@ def test_published_recipes_use_loraprune_settings(path, plans):
     assert (pruning.importance, pruning.schedule, pruning.prune_every, pruning.ema_decay) == ("lora", "cubic", 10, 0.9)
     assert (pruning.warmup_ratio, pruning.cooldown_ratio, pruning.pruning_fraction) == (0.1, 0.1, 1.0)
     assert pruning.protected_layers is None and pruning.ranking == "local"
-    assert recipe.data["max_length"] == 512 and recipe.data["train_on_prompt"]
+    assert recipe.data.max_length == 512 and recipe.data.train_on_prompt
     text = path.read_text()
     assert text.startswith("#") and "Assumed" in text or "as recipes/" in text, "assumptions are stated at the top"
 
@@ -93,15 +93,15 @@ def test_large_models_are_planned_at_full_size(plans):
 def test_demo_recipe_reads_the_shared_data(data_dir, monkeypatch):
     monkeypatch.delenv("HFPRUNE_DATA_DIR", raising=False)
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-demo.yaml", check_device=False)
-    assert recipe.model["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert recipe.model["load_in_8bit"] and recipe.pruning.target_sparsity == 0.2
-    train = recipe.data["train"][0]["path"]
+    assert recipe.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert recipe.model.load_in_8bit and recipe.pruning.target_sparsity == 0.2
+    train = recipe.data.train[0].path
     assert Path(train) == (ROOT.parent / "shared" / "data" / "alpaca_en_demo.json").resolve()
-    assert [Path(p).name for p in recipe.eval["perplexity"]] == ["wiki_demo.txt", "c4_demo.jsonl"]
-    assert recipe.eval["seq_len"] == 512 and recipe.eval["max_windows"]
+    assert [Path(p).name for p in recipe.eval.perplexity] == ["wiki_demo.txt", "c4_demo.jsonl"]
+    assert recipe.eval.seq_len == 512 and recipe.eval.max_windows
     monkeypatch.setenv("HFPRUNE_DATA_DIR", str(data_dir))
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m-demo.yaml", check_device=False)
-    assert recipe.data["train"][0]["path"] == str(data_dir / "alpaca_en_demo.json")
+    assert recipe.data.train[0].path == str(data_dir / "alpaca_en_demo.json")
 
 
 # ---- the loader's rules ---------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_overrides_are_yaml_and_dotted(tmp_path):
     )
     assert recipe.pruning.target_sparsity == 0.5 and recipe.pruning.structures == ("channels",)
     assert recipe.training.learning_rate == 3e-4  # "3e-4" is a string to PyYAML; the float field takes it
-    assert [s["weight"] for s in recipe.data["train"]] == [1, 2]
+    assert [s.weight for s in recipe.data.train] == [1, 2]
     assert recipe.lora.r == 16
 
 
@@ -174,12 +174,12 @@ def test_relative_paths_resolve_against_the_recipe_directory(tmp_path, monkeypat
     path = _write(tmp_path / "sub", BASE + "data: {train: ../data/a.jsonl}\neval: {perplexity: [wikitext2, w.txt]}")
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
-    assert recipe.data["train"][0]["path"] == str(tmp_path / "data" / "a.jsonl")
-    assert recipe.data["train"][0]["local"]
-    assert recipe.eval["perplexity"] == ["wikitext2", str(tmp_path / "sub" / "w.txt")]
+    assert recipe.data.train[0].path == str(tmp_path / "data" / "a.jsonl")
+    assert recipe.data.train[0].local
+    assert recipe.eval.perplexity == ["wikitext2", str(tmp_path / "sub" / "w.txt")]
     hub = load_recipe(path, ["data.train=yahma/alpaca-cleaned"])
-    assert hub.data["train"][0] == {**hub.data["train"][0], "path": "yahma/alpaca-cleaned", "local": False}
-    assert recipe.export["output_dir"] == "outputs/recipe/model"  # outputs are relative to the cwd
+    assert (hub.data.train[0].path, hub.data.train[0].local) == ("yahma/alpaca-cleaned", False)
+    assert recipe.export.output_dir == "outputs/recipe/model"  # outputs are relative to the cwd
 
 
 def test_environment_variables_in_strings(tmp_path, monkeypatch):
@@ -187,9 +187,9 @@ def test_environment_variables_in_strings(tmp_path, monkeypatch):
     monkeypatch.delenv("MY_DATA", raising=False)
     monkeypatch.setenv("USER_NS", "me")
     recipe = load_recipe(path)
-    assert recipe.data["train"][0]["path"] == "/default/a.json" and recipe.hub["repo_id"] == "me/x"
+    assert recipe.data.train[0].path == "/default/a.json" and recipe.hub.repo_id == "me/x"
     monkeypatch.setenv("MY_DATA", "/elsewhere")
-    assert load_recipe(path).data["train"][0]["path"] == "/elsewhere/a.json"
+    assert load_recipe(path).data.train[0].path == "/elsewhere/a.json"
     monkeypatch.delenv("USER_NS")
     with pytest.raises(RecipeError, match="environment variable USER_NS is not set"):
         load_recipe(path)
