@@ -108,9 +108,10 @@ def _read_yaml(path: Path, where: str):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
         raise RecipeError(
-            f"{where}: not a UTF-8 text file (byte 0x{data[error.start]:02x} at offset {error.start}); a recipe is "
-            "YAML text"
+            f"{where}: not a UTF-8 text file (byte 0x{data[error.start]:02x} on line {line}, offset {error.start}); "
+            "a recipe is YAML text"
         ) from None
     try:
         raw = parse_yaml(text)
