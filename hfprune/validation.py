@@ -3,12 +3,14 @@
 Each raises with the field's name, the bad value and what would be valid
 (`target_sparsity=1.2: must be in [0, 1)`): `TypeError` for a value of the wrong
 type, `ValueError` for one of the right type out of range. `None` passes where
-`optional=True`. Booleans are never taken for numbers (`True` is not 1 here).
+`optional=True`. Booleans are never taken for numbers (`True` is not 1 here); numpy
+scalars are (`numbers.Integral`, `numbers.Real`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable, Optional
 
 
@@ -35,7 +37,7 @@ def integer(name: str, value: Any, *, minimum: Optional[int] = None, optional: b
     if value is None and optional:
         return
     bound = f" >= {minimum}" if minimum is not None else ""
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: must be an integer{bound}{_or_none(optional)}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value!r}: must be an integer{bound}{_or_none(optional)}")
@@ -47,7 +49,7 @@ def number(name: str, value: Any, *, minimum: Optional[float] = None, above: Opt
     if value is None and optional:
         return
     bound = f" >= {minimum}" if minimum is not None else f" > {above}" if above is not None else ""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: must be a number{bound}{_or_none(optional)}")
     if (not math.isfinite(value) or (minimum is not None and value < minimum)
             or (above is not None and not value > above)):
@@ -59,7 +61,7 @@ def fraction(name: str, value: Any, *, closed: bool = False, optional: bool = Fa
     if value is None and optional:
         return
     interval = "[0, 1]" if closed else "[0, 1)"
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r}: must be a number in {interval}{_or_none(optional)}")
     if not (0 <= value <= 1 if closed else 0 <= value < 1):  # False for NaN too
         raise ValueError(f"{name}={value!r}: must be in {interval}")
@@ -77,12 +79,13 @@ def integers(name: str, value: Any, *, optional: bool = False, example: str = "[
     """A list or tuple of integers, returned as a tuple (a bare string or number is refused, not split)."""
     if value is None and optional:
         return value
-    if not isinstance(value, (list, tuple)):
+    items = value.tolist() if hasattr(value, "tolist") else value  # numpy arrays and tensors too
+    if not isinstance(items, (list, tuple, range)):
         raise TypeError(f"{name}={value!r}: must be a list of integers, e.g. {example}{_or_none(optional)}")
-    bad = [item for item in value if not isinstance(item, int) or isinstance(item, bool)]
+    bad = [item for item in items if not isinstance(item, numbers.Integral) or isinstance(item, bool)]
     if bad:
         raise TypeError(f"{name}={value!r}: {bad[0]!r} is not an integer; must be a list of integers, e.g. {example}")
-    return tuple(value)
+    return tuple(int(item) for item in items)
 
 
 def strings(name: str, value: Any, *, valid: Optional[Iterable[str]] = None) -> tuple[str, ...]:

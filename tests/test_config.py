@@ -98,6 +98,12 @@ def test_bad_values_name_the_value_and_what_is_valid(kwargs, error, message):
 
 
 def test_good_values_are_normalised():
+    import numpy as np
+
     config = PruningConfig(structures="channels", protected_layers=[0, -1], target_sparsity=0)
     assert config.structures == ("channels",) and config.protected_layers == (0, -1)
     assert PruningConfig(protected_layers=()).protected_layers == ()
+    config = PruningConfig(protected_layers=np.arange(2), target_sparsity=np.float32(0.5), seed=np.int64(3))
+    assert config.protected_layers == (0, 1) and all(type(i) is int for i in config.protected_layers)
+    with pytest.raises(TypeError, match="protected_layers=np.int64\\(5\\): must be a list of integers"):
+        PruningConfig(protected_layers=np.int64(5))
