@@ -337,6 +337,25 @@ def test_schema_in_help_is_generated_from_the_sections_metadata():
     assert "local" not in [line.split()[0] for line in text.splitlines() if line.strip()]  # not a recipe key
 
 
+def test_sections_read_from_the_command_line_like_pruning_config():
+    """HfArgumentParser builds flags from the same metadata (EvalSection's bool-or-mapping `speed` has no flag form)."""
+    from transformers import HfArgumentParser
+
+    from hfprune.recipes import DataSection, DataSource, ExportSection, ModelSection
+
+    def parse(cls, *argv):
+        return HfArgumentParser(cls).parse_args_into_dataclasses(list(argv), look_for_args_file=False)[0]
+
+    model = parse(ModelSection, "--name_or_path", "org/m", "--dtype", "bfloat16", "--load_in_8bit", "true")
+    assert model == ModelSection("org/m", dtype="bfloat16", load_in_8bit=True)
+    data = parse(DataSection, "--train", "a.json", "org/set", "--mixing", "phases")
+    assert data.train == [DataSource("a.json"), DataSource("org/set")] and data.mixing == "phases"
+    assert parse(ExportSection, "--overwrite", "--max_shard_size", "2GB") == ExportSection(overwrite=True,
+                                                                                            max_shard_size="2GB")
+    with pytest.raises(SystemExit):  # the choices of the metadata
+        parse(ModelSection, "--name_or_path", "org/m", "--dtype", "int8")
+
+
 @pytest.mark.parametrize(
     "build, error, message",
     [
