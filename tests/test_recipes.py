@@ -376,6 +376,8 @@ def test_sections_read_from_the_command_line_like_pruning_config():
         (lambda s: s.EvalSection(perplexity=["w.txt"], zero_shot_limit=2.5), ValueError,
          "zero_shot_limit=2.5: must be a whole count"),
         (lambda s: s.EvalSection(speed="fast"), TypeError, "speed='fast': must be true/false or a mapping"),
+        (lambda s: s.EvalSection(speed={"prompt_lenn": 8}), ValueError,
+         "speed={'prompt_lenn': 8}: 'prompt_lenn' is not an argument of measure_speed; valid: batch_size, prompt_len"),
         (lambda s: s.HubSection(repo_id=""), TypeError, "repo_id='': must be a non-empty string"),
     ],
 )

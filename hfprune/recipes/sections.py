@@ -204,6 +204,16 @@ class EvalSection:
         check.choice("tail", self.tail, TAILS)
         if not isinstance(self.speed, (bool, dict)):
             raise TypeError(f"speed={self.speed!r}: must be true/false or a mapping of measure_speed arguments")
+        if isinstance(self.speed, dict):
+            import inspect
+
+            from ..evaluation.speed import measure_speed
+
+            valid = [name for name in inspect.signature(measure_speed).parameters if name != "model"]
+            unknown = [key for key in self.speed if key not in valid]
+            if unknown:
+                raise ValueError(f"speed={self.speed!r}: {unknown[0]!r} is not an argument of measure_speed; "
+                                 f"valid: {', '.join(valid)}")
         check.text("task_dir", self.task_dir, optional=True)
         check.number("zero_shot_limit", self.zero_shot_limit, above=0, optional=True)
         if self.zero_shot_limit is not None and self.zero_shot_limit >= 1:
