@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                 + "\n\nshipped recipes, by name: " + ", ".join(shipped_recipes())),
         formatter_class=_Formatter,
     )
-    prune.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file, or a shipped recipe by name (llama-7b-20)")
+    prune.add_argument("recipe", metavar="RECIPE.yaml",
+                       help="the recipe file, or a shipped recipe by name (llama-7b-20)")
     prune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     prune.add_argument("--dry-run", action="store_true",
                        help="stop after the checks and the plan: no model is loaded, nothing is written")
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--dry-run", action="store_true", help="accepted for symmetry with `prune`: a plan is always dry")
     plan.add_argument("--steps", type=_positive_int, metavar="N",
                       help="optimizer steps of the run (default: training.max_steps, or estimated from the data)")
-    plan.add_argument("--world-size", type=_positive_int, metavar="N", help="data-parallel processes (default: $WORLD_SIZE or 1)")
+    plan.add_argument("--world-size", type=_positive_int, metavar="N",
+                      help="data-parallel processes (default: $WORLD_SIZE or 1)")
     plan.add_argument("--with-lora", action="store_true",
                       help="also add the recipe's LoRA adapters on meta and slice them")
     plan.add_argument("--per-layer", action="store_true", help="one row per layer instead of runs of equal layers")

@@ -475,7 +475,8 @@ def test_recipes_load_by_name_from_any_directory(tmp_path, monkeypatch):
     for name in ("llama-7b-20", "llama-7b-20.yaml"):
         recipe = load_recipe(name, check_device=False)
         assert recipe.name == "llama-7b-20" and recipe.to_dict() == by_path.to_dict()
-    with pytest.raises(FileNotFoundError, match="recipe 'llama-7b-21': no such file; shipped recipes, by name: .*llama-7b-20"):
+    with pytest.raises(FileNotFoundError,
+                       match="recipe 'llama-7b-21': no such file; shipped recipes, by name: .*llama-7b-20"):
         load_recipe("llama-7b-21")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_recipe("elsewhere/llama-7b-20.yaml")  # a path is a path: no fallback to the shipped one

@@ -70,8 +70,12 @@ class DataSource:
     weight: Optional[float] = field(
         default=None, metadata={"help": "Relative mixing probability (every source or none; none: concatenated)."}
     )
-    skip_samples: int = field(default=0, metadata={"help": "Drop the first N records (e.g. the ones an evaluation reads)."})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "Keep the first N records (after skip_samples)."})
+    skip_samples: int = field(
+        default=0, metadata={"help": "Drop the first N records (e.g. the ones an evaluation reads)."}
+    )
+    max_samples: Optional[int] = field(
+        default=None, metadata={"help": "Keep the first N records (after skip_samples)."}
+    )
     text_field: str = field(default="text", metadata={"help": "Column holding plain text (renamed to text)."})
     num_examples: Optional[int] = field(
         default=None, metadata={"help": "Record count for dry runs without the data (the run counts the real ones)."}
@@ -181,7 +185,9 @@ class EvalSection:
         metadata={"help": "Perplexity sources: wikitext2, ptb, c4 or local .txt/.jsonl/.json files."},
     )
     seq_len: int = field(default=2048, metadata={"help": "Perplexity window length in tokens."})
-    max_windows: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many windows per source."})
+    max_windows: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate at most this many windows per source."}
+    )
     batch_size: int = field(default=1, metadata={"help": "Evaluation batch size."})
     tail: str = field(default="drop", metadata={"help": "Drop or include the last partial window.", "choices": TAILS})
     speed: Union[bool, dict] = field(
@@ -193,7 +199,9 @@ class EvalSection:
         default=None, metadata={"help": "lm-eval limit per task: a count, or a fraction if < 1."}
     )
     dense: bool = field(default=True, metadata={"help": "Also evaluate the unpruned model for the comparison."})
-    device: Optional[str] = field(default=None, metadata={"help": "Device for evaluation (default: cuda if available)."})
+    device: Optional[str] = field(
+        default=None, metadata={"help": "Device for evaluation (default: cuda if available)."}
+    )
 
     def __post_init__(self) -> None:
         self.perplexity = list(check.strings("perplexity", self.perplexity))
