@@ -1,7 +1,7 @@
 """The `hfprune` command: prune, plan, eval, push, estimate.
 
-    hfprune prune RECIPE.yaml [section.key=value ...] [--dry-run]
-    hfprune plan RECIPE.yaml|MODEL_CONFIG [section.key=value ...] [--steps N] [--per-layer]
+    hfprune prune RECIPE.yaml|RECIPE_NAME [section.key=value ...] [--dry-run]
+    hfprune plan RECIPE.yaml|RECIPE_NAME|MODEL_CONFIG [section.key=value ...] [--steps N] [--per-layer]
     hfprune eval MODEL --ppl-source FILE ... [--seq-len N] [--max-windows N] [--baseline MODEL] [--speed] [--tasks ...]
     hfprune push DIR REPO_ID [--private] [--token TOKEN]
     hfprune estimate MODEL_OR_CONFIG [--criterion lora] [--load-in-8bit] [--seq-len 512] [--batch 1]
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from .recipes import schema_text
+    from .recipes import schema_text, shipped_recipes
 
     prune = commands.add_parser(
         "prune",
@@ -59,10 +59,12 @@ def _parser() -> argparse.ArgumentParser:
             "PruningTrainer, export the smaller checkpoint, evaluate dense vs pruned (eval section) and push "
             "(hub section)."
         ),
-        epilog="recipe sections (see hfprune/recipes.py):\n" + schema_text(),
+        epilog=("recipe sections (hfprune/recipes/sections.py):\n" + schema_text()
+                + "\n\nshipped recipes, by name: " + ", ".join(shipped_recipes())),
         formatter_class=_Formatter,
     )
-    prune.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
+    prune.add_argument("recipe", metavar="RECIPE.yaml",
+                       help="the recipe file, or a shipped recipe by name (llama-7b-20)")
     prune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     prune.add_argument("--dry-run", action="store_true",
                        help="stop after the checks and the plan: no model is loaded, nothing is written")
@@ -80,13 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     plan.add_argument("recipe", metavar="RECIPE.yaml|MODEL_CONFIG",
-                      help="a recipe, or a model config: short name from hfprune/model_configs (llama-65b), "
-                           "config.json path or hub id")
+                      help="a recipe (file, or a shipped recipe by name: llama-65b-50), or a model config: short "
+                           "name from hfprune/model_configs (llama-65b), config.json path or hub id")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDE_HELP)
     plan.add_argument("--dry-run", action="store_true", help="accepted for symmetry with `prune`: a plan is always dry")
-    plan.add_argument("--steps", type=int, metavar="N",
+    plan.add_argument("--steps", type=_positive_int, metavar="N",
                       help="optimizer steps of the run (default: training.max_steps, or estimated from the data)")
-    plan.add_argument("--world-size", type=int, metavar="N", help="data-parallel processes (default: $WORLD_SIZE or 1)")
+    plan.add_argument("--world-size", type=_positive_int, metavar="N",
+                      help="data-parallel processes (default: $WORLD_SIZE or 1)")
     plan.add_argument("--with-lora", action="store_true",
                       help="also add the recipe's LoRA adapters on meta and slice them")
     plan.add_argument("--per-layer", action="store_true", help="one row per layer instead of runs of equal layers")
@@ -181,7 +184,10 @@ def _cmd_prune(args) -> int:
 
 
 def _is_recipe(target: str) -> bool:
-    return target.endswith((".yaml", ".yml")) or os.path.isfile(target) and not target.endswith(".json")
+    from .recipes import shipped_recipes
+
+    return (target.endswith((".yaml", ".yml")) or os.path.isfile(target) and not target.endswith(".json")
+            or not os.path.exists(target) and target in shipped_recipes())
 
 
 def _load_plan_target(target: str, overrides: list[str]):
@@ -274,6 +280,16 @@ COMMANDS = {"prune": _cmd_prune, "plan": _cmd_plan, "eval": _cmd_eval, "push": _
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be an integer >= 1")
+    return value
 
 
 def _refuse_pickles(path: Optional[str]) -> None:

@@ -10,27 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from . import validation as check
+
 STRUCTURES = ("heads", "channels")
 HEAD_GRANULARITIES = ("kv_group", "query_head")
 SCHEDULES = ("cubic", "linear", "one_shot")
 RANKINGS = ("local", "global")
 NORMALIZATIONS = ("module", "none")
 PHYSICAL_REMOVAL = ("after_pruning", "at_end")
-
-
-def _fraction(name: str, value: Optional[float], upper_open: bool = True) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name}={value!r}: must be a number in [0, 1)")
-    if value < 0 or (value >= 1 if upper_open else value > 1):
-        interval = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{name}={value}: must be in {interval}")
-
-
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r}: must be one of {', '.join(repr(v) for v in valid)}")
 
 
 @dataclass
@@ -86,12 +73,15 @@ class PruningConfig:
         default="lora",
         metadata={"help": "Importance criterion: lora, taylor, taylor2, vector, magnitude, random, or a registered one."},
     )
-    structures: tuple[str, ...] = field(
-        default=("heads", "channels"), metadata={"help": "Groups that may be removed: heads and/or channels."}
+    # Lists (stored as tuples) so that HfArgumentParser reads `--structures heads channels`.
+    structures: list[str] = field(
+        default_factory=lambda: list(STRUCTURES),
+        metadata={"help": "Groups that may be removed: heads and/or channels.", "choices": STRUCTURES},
     )
     head_granularity: str = field(
         default="kv_group",
-        metadata={"help": "kv_group: remove a KV head with its query heads; query_head: remove query heads inside KV groups."},
+        metadata={"help": "kv_group: remove a KV head with its query heads; query_head: remove query heads inside KV groups.",
+                  "choices": HEAD_GRANULARITIES},
     )
     head_sparsity: Optional[float] = field(
         default=None, metadata={"help": "Separate target: fraction of the query heads of each prunable layer."}
@@ -101,9 +91,10 @@ class PruningConfig:
     )
     ranking: str = field(
         default="local",
-        metadata={"help": "local: same fraction in every prunable layer; global: rank across layers by score per parameter."},
+        metadata={"help": "local: same fraction in every prunable layer; global: rank across layers by score per parameter.",
+                  "choices": RANKINGS},
     )
-    schedule: str = field(default="cubic", metadata={"help": "Sparsity ramp: cubic, linear or one_shot."})
+    schedule: str = field(default="cubic", metadata={"help": "Sparsity ramp: cubic, linear or one_shot.", "choices": SCHEDULES})
     pruning_steps: Optional[int] = field(
         default=None, metadata={"help": "Optimizer steps of the pruning stage (None: pruning_fraction of the run)."}
     )
@@ -114,8 +105,10 @@ class PruningConfig:
     cooldown_ratio: float = field(default=0.1, metadata={"help": "Fraction of the pruning stage after the last mask update."})
     prune_every: int = field(default=10, metadata={"help": "Optimizer steps between two mask updates."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA weight of the old score (LoRAPrune: 0.9)."})
-    normalize: str = field(default="module", metadata={"help": "Per-module L2 normalisation of scores: module or none."})
-    protected_layers: Optional[tuple[int, ...]] = field(
+    normalize: str = field(
+        default="module", metadata={"help": "Per-module L2 normalisation of scores: module or none.", "choices": NORMALIZATIONS}
+    )
+    protected_layers: Optional[list[int]] = field(
         default=None, metadata={"help": "Layer indices never pruned (None: first 10% of layers and the last)."}
     )
     min_heads: int = field(default=1, metadata={"help": "Minimum query heads kept in every layer."})
@@ -124,40 +117,37 @@ class PruningConfig:
     round_channels_to: int = field(default=1, metadata={"help": "Kept MLP channels per layer rounded to this multiple."})
     uniform: bool = field(default=False, metadata={"help": "Same widths in every prunable layer."})
     physical_removal: str = field(
-        default="after_pruning", metadata={"help": "When weights are sliced: after_pruning or at_end."}
+        default="after_pruning",
+        metadata={"help": "When weights are sliced: after_pruning or at_end.", "choices": PHYSICAL_REMOVAL},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random criterion and tie-breaks."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.structures, str):
-            self.structures = (self.structures,)
-        self.structures = tuple(self.structures)
-        if self.protected_layers is not None:
-            self.protected_layers = tuple(int(i) for i in self.protected_layers)
-        _fraction("target_sparsity", self.target_sparsity)
-        _fraction("head_sparsity", self.head_sparsity)
-        _fraction("channel_sparsity", self.channel_sparsity)
-        _fraction("pruning_fraction", self.pruning_fraction, upper_open=False)
-        _fraction("warmup_ratio", self.warmup_ratio)
-        _fraction("cooldown_ratio", self.cooldown_ratio)
-        _fraction("ema_decay", self.ema_decay)
+        self.structures = check.strings("structures", self.structures)
+        if not self.structures or any(s not in STRUCTURES for s in self.structures):
+            raise ValueError(f"structures={self.structures!r}: must be a non-empty subset of {STRUCTURES}")
+        self.protected_layers = check.integers("protected_layers", self.protected_layers, optional=True)
+        check.fraction("target_sparsity", self.target_sparsity)
+        check.fraction("head_sparsity", self.head_sparsity, optional=True)
+        check.fraction("channel_sparsity", self.channel_sparsity, optional=True)
+        check.fraction("pruning_fraction", self.pruning_fraction, closed=True)
+        check.fraction("warmup_ratio", self.warmup_ratio)
+        check.fraction("cooldown_ratio", self.cooldown_ratio)
+        check.fraction("ema_decay", self.ema_decay)
         if self.warmup_ratio + self.cooldown_ratio >= 1:
             raise ValueError(
                 f"warmup_ratio={self.warmup_ratio} + cooldown_ratio={self.cooldown_ratio}: must sum to less than 1"
             )
-        if not self.structures or any(s not in STRUCTURES for s in self.structures):
-            raise ValueError(f"structures={self.structures!r}: must be a non-empty subset of {STRUCTURES}")
-        _choice("head_granularity", self.head_granularity, HEAD_GRANULARITIES)
-        _choice("ranking", self.ranking, RANKINGS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("normalize", self.normalize, NORMALIZATIONS)
-        _choice("physical_removal", self.physical_removal, PHYSICAL_REMOVAL)
+        check.choice("head_granularity", self.head_granularity, HEAD_GRANULARITIES)
+        check.choice("ranking", self.ranking, RANKINGS)
+        check.choice("schedule", self.schedule, SCHEDULES)
+        check.choice("normalize", self.normalize, NORMALIZATIONS)
+        check.choice("physical_removal", self.physical_removal, PHYSICAL_REMOVAL)
         for name in ("prune_every", "min_heads", "min_channels", "round_heads_to", "round_channels_to"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
-        if self.pruning_steps is not None and (not isinstance(self.pruning_steps, int) or self.pruning_steps < 1):
-            raise ValueError(f"pruning_steps={self.pruning_steps!r}: must be an integer >= 1 or None")
+            check.integer(name, getattr(self, name), minimum=1)
+        check.integer("pruning_steps", self.pruning_steps, minimum=1, optional=True)
+        check.boolean("uniform", self.uniform)
+        check.integer("seed", self.seed)
         if self.head_sparsity is not None and "heads" not in self.structures:
             raise ValueError(f"head_sparsity={self.head_sparsity} but structures={self.structures} has no 'heads'")
         if self.channel_sparsity is not None and "channels" not in self.structures:

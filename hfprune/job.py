@@ -61,8 +61,8 @@ def check_outputs(recipe: Recipe) -> Any:
     """Refuse to clobber an earlier result; return what `train(resume_from_checkpoint=...)` gets."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    overwrite = recipe.export["overwrite"]
-    export_dir = Path(recipe.export["output_dir"])
+    overwrite = recipe.export.overwrite
+    export_dir = Path(recipe.export.output_dir)
     if export_dir.exists() and not export_dir.is_dir():
         raise FileExistsError(f"export.output_dir={str(export_dir)!r} exists and is not a directory")
     if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
@@ -94,7 +94,7 @@ def check_outputs(recipe: Recipe) -> Any:
 def check_hub(recipe: Recipe) -> None:
     if not recipe.hub:
         return
-    env = recipe.hub["token_env"]
+    env = recipe.hub.token_env
     if env and not os.environ.get(env):
         raise ValueError(
             f"hub.token_env={env!r}: environment variable {env} is not set (the push would fail at the end)"
@@ -103,7 +103,7 @@ def check_hub(recipe: Recipe) -> None:
         from .hub import push_pruned  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            f"hub.repo_id={recipe.hub['repo_id']!r} is set but hfprune.hub cannot be imported: {error}"
+            f"hub.repo_id={recipe.hub.repo_id!r} is set but hfprune.hub cannot be imported: {error}"
         ) from None
 
 
@@ -113,38 +113,38 @@ def check_eval(recipe: Recipe) -> None:
         return
     from .evaluation.perplexity import HUB_SOURCES
 
-    for source in evaluation["perplexity"]:
+    for source in evaluation.perplexity:
         if source not in HUB_SOURCES and not os.path.isfile(source):
             raise FileNotFoundError(
                 f"eval.perplexity: {source!r}: no such file; valid sources are {', '.join(HUB_SOURCES)} or a "
                 ".txt/.jsonl/.json file"
             )
-    if evaluation["tasks"]:
+    if evaluation.tasks:
         try:
             from .evaluation.zero_shot import _check_tasks, _task_manager
         except ImportError as error:
             raise ImportError(f"eval.tasks needs lm-eval (pip install 'hfprune[eval]'): {error}") from None
         try:
-            manager = _task_manager(evaluation["tasks"], evaluation["task_dir"])
+            manager = _task_manager(evaluation.tasks, evaluation.task_dir)
         except ImportError as error:
             raise ImportError(f"eval.tasks needs lm-eval (pip install 'hfprune[eval]'): {error}") from None
-        _check_tasks(evaluation["tasks"], manager)
+        _check_tasks(evaluation.tasks, manager)
 
 
-def _load_source(source: dict, key: str):
+def _load_source(source, key: str):
     import datasets
 
     from .data import load_records
 
-    path = source["path"]
-    if source["local"]:
+    path = source.path
+    if source.local:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}.path={path!r}: no such file")
         suffix = Path(path).suffix.lower()
         if suffix in (".csv", ".parquet", ".arrow"):
             return datasets.load_dataset(suffix[1:], data_files=path, split="train")
         return load_records(path)
-    return datasets.load_dataset(path, source["name"], split=source["split"])
+    return datasets.load_dataset(path, source.name, split=source.split)
 
 
 def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
@@ -155,30 +155,30 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
 
     data = recipe.data
     parts, formats = [], []
-    for i, source in enumerate(data[split]):
+    for i, source in enumerate(getattr(data, split)):
         key = f"data.{split}[{i}]"
         raw = _load_source(source, key)
-        if source["skip_samples"]:
-            raw = raw.select(range(min(source["skip_samples"], len(raw)), len(raw)))
-        if source["max_samples"] is not None:
-            raw = raw.select(range(min(source["max_samples"], len(raw))))
-        field_name = source["text_field"]
+        if source.skip_samples:
+            raw = raw.select(range(min(source.skip_samples, len(raw)), len(raw)))
+        if source.max_samples is not None:
+            raw = raw.select(range(min(source.max_samples, len(raw))))
+        field_name = source.text_field
         if field_name != "text":
             if field_name not in raw.column_names:
                 raise ValueError(
-                    f"{key} ({source['path']}): text_field={field_name!r} is not a column; columns: {raw.column_names}"
+                    f"{key} ({source.path}): text_field={field_name!r} is not a column; columns: {raw.column_names}"
                 )
             raw = raw.rename_column(field_name, "text") if "text" not in raw.column_names else raw
         try:
             fmt = detect_format(raw.column_names)
         except ValueError as error:
-            raise ValueError(f"{key} ({source['path']}): {error}") from None
+            raise ValueError(f"{key} ({source.path}): {error}") from None
         if len(raw) == 0:
-            raise ValueError(f"{key} ({source['path']}): no records")
-        log(f"  {key}: {source['path']} -- {len(raw)} {fmt} records")
-        tokenized = prepare_dataset(raw, tokenizer, data["max_length"], data["train_on_prompt"], data["num_proc"])
+            raise ValueError(f"{key} ({source.path}): no records")
+        log(f"  {key}: {source.path} -- {len(raw)} {fmt} records")
+        tokenized = prepare_dataset(raw, tokenizer, data.max_length, data.train_on_prompt, data.num_proc)
         if len(tokenized) == 0:
-            raise ValueError(f"{key} ({source['path']}): no record has a response left to train on after tokenisation")
+            raise ValueError(f"{key} ({source.path}): no record has a response left to train on after tokenisation")
         parts.append(tokenized)
         formats.append(fmt)
     if not parts:
@@ -187,17 +187,17 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
     parts = [p.select_columns([c for c in columns if c in p.column_names]) for p in parts]
     if len(parts) == 1:
         return parts[0], formats
-    if data["mixing"] == "phases":
+    if data.mixing == "phases":
         # One source after the other (the sequential sampler keeps the order), each shuffled within itself.
         seed = recipe.training.seed
         log(f"  data.{split}: {len(parts)} phases of {', '.join(str(len(p)) for p in parts)} examples, in this order")
         return datasets.concatenate_datasets([p.shuffle(seed=seed + i) for i, p in enumerate(parts)]), formats
-    weights = [s["weight"] for s in data[split]]
+    weights = [s.weight for s in getattr(data, split)]
     if weights[0] is None:
         return datasets.concatenate_datasets(parts), formats
     total = sum(weights)
     mixed = datasets.interleave_datasets(
-        parts, probabilities=[w / total for w in weights], seed=recipe.training.seed, stopping_strategy=data["mixing"]
+        parts, probabilities=[w / total for w in weights], seed=recipe.training.seed, stopping_strategy=data.mixing
     )
     return mixed, formats
 
@@ -209,20 +209,20 @@ def prepare_job(recipe: Recipe, log: Log = _print) -> JobInputs:
     from .offline import resolve_model
     from .plan import dry_run, steps_for
 
-    if not recipe.data["train"]:
+    if not recipe.data.train:
         raise ValueError(f"{recipe.source}: data.train is empty: give a data file or hub data set to train on")
     resume = check_outputs(recipe)
     check_hub(recipe)
     check_eval(recipe)
 
     model = recipe.model
-    hub_kwargs = {"revision": model["revision"]} if model["revision"] else {}
-    model_path = resolve_model(model["name_or_path"], **hub_kwargs)
+    hub_kwargs = {"revision": model.revision} if model.revision else {}
+    model_path = resolve_model(model.name_or_path, **hub_kwargs)
     if os.path.isdir(model_path):
         from .export.safety import check_no_pickles
 
         check_no_pickles(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model["trust_remote_code"], **hub_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model.trust_remote_code, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -230,7 +230,7 @@ def prepare_job(recipe: Recipe, log: Log = _print) -> JobInputs:
     with recipe.training.main_process_first(desc="tokenising the data"):
         train, formats = load_data(recipe, "train", tokenizer, log)
         evaluation, _ = load_data(recipe, "eval", tokenizer, log)
-    val_size = recipe.data["val_set_size"]
+    val_size = recipe.data.val_set_size
     if val_size:
         if val_size >= len(train):
             raise ValueError(f"data.val_set_size={val_size}: must be smaller than the {len(train)} training examples")
@@ -247,7 +247,7 @@ def prepare_job(recipe: Recipe, log: Log = _print) -> JobInputs:
                         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {args.world_size}")
 
     log("planning on the meta device")
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model["trust_remote_code"], **hub_kwargs)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model.trust_remote_code, **hub_kwargs)
     plan = dry_run(recipe, model_config=config, total_steps=total_steps, steps_source=steps_source, memory=False)
     log(f"  {plan.num_layers} layers, {plan.params_before / 1e6:.1f}M -> {plan.params_after / 1e6:.1f}M parameters, "
         f"{plan.checkpoint['kind']} checkpoint; {total_steps} optimizer steps, "
@@ -285,16 +285,16 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     from .trainer import PruningTrainer
 
     clock = time.perf_counter()
-    log(f"[2/5] loading {recipe.model['name_or_path']} and training ({inputs.total_steps} optimizer steps)")
+    log(f"[2/5] loading {recipe.model.name_or_path} and training ({inputs.total_steps} optimizer steps)")
     set_seed(recipe.training.seed)
     model = recipe.model
-    init_kwargs = {"dtype": model["dtype"], "trust_remote_code": model["trust_remote_code"]}
-    if model["revision"]:
-        init_kwargs["revision"] = model["revision"]
-    if model["attn_implementation"]:
-        init_kwargs["attn_implementation"] = model["attn_implementation"]
-    if model["device_map"] is not None:
-        init_kwargs["device_map"] = model["device_map"]
+    init_kwargs = {"dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
+    if model.revision:
+        init_kwargs["revision"] = model.revision
+    if model.attn_implementation:
+        init_kwargs["attn_implementation"] = model.attn_implementation
+    if model.device_map is not None:
+        init_kwargs["device_map"] = model.device_map
     trainer = PruningTrainer(
         model=inputs.model_path,
         args=recipe.training,
@@ -303,10 +303,10 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         train_dataset=inputs.train_dataset,
         eval_dataset=inputs.eval_dataset,
         processing_class=inputs.tokenizer,
-        load_in_8bit=model["load_in_8bit"],
+        load_in_8bit=model.load_in_8bit,
         model_init_kwargs=init_kwargs,
-        max_length=recipe.data["max_length"],
-        train_on_prompt=recipe.data["train_on_prompt"],
+        max_length=recipe.data.max_length,
+        train_on_prompt=recipe.data.train_on_prompt,
         distillation=recipe.distillation,
     )
     result = trainer.train(resume_from_checkpoint=inputs.resume_from_checkpoint)
@@ -315,17 +315,17 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         return {"recipe": recipe.name, "rank": recipe.training.process_index}
 
     clock = time.perf_counter()
-    export_dir = Path(recipe.export["output_dir"])
+    export_dir = Path(recipe.export.output_dir)
     log(f"[3/5] exporting to {export_dir}")
     from .export import save_pruned
 
     report = trainer.pruning_report()
     report["datasets"] = [
-        {"path": source["path"], "name": source["name"], "split": source["split"], "weight": source["weight"]}
-        for source in recipe.data["train"]
+        {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
+        for source in recipe.data.train
     ]
     report["recipe"] = recipe_record(recipe)
-    uniform = recipe.export["uniform"]
+    uniform = recipe.export.uniform
     if uniform is None and recipe.pruning.uniform:
         uniform = True
     save_pruned(
@@ -335,9 +335,9 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         original_checkpoint=trainer.original_checkpoint,
         tokenizer=inputs.tokenizer,
         report=report,
-        dtype=recipe.export["dtype"],
-        overwrite=recipe.export["overwrite"],
-        max_shard_size=recipe.export["max_shard_size"],
+        dtype=recipe.export.dtype,
+        overwrite=recipe.export.overwrite,
+        max_shard_size=recipe.export.max_shard_size,
         uniform=uniform,
     )
     timings["export"] = time.perf_counter() - clock
@@ -353,7 +353,7 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     evaluation = None
     if recipe.eval:
         clock = time.perf_counter()
-        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval["dense"] else "the pruned model"))
+        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
         evaluation = evaluate_checkpoint(recipe, export_dir, original, log)
         store_evaluation(export_dir, evaluation)
         timings["evaluate"] = time.perf_counter() - clock
@@ -363,12 +363,12 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     hub_url = None
     if recipe.hub:
         clock = time.perf_counter()
-        log(f"[5/5] pushing to {recipe.hub['repo_id']}")
+        log(f"[5/5] pushing to {recipe.hub.repo_id}")
         from .hub import push_pruned
 
-        env = recipe.hub["token_env"]
-        hub_url = push_pruned(export_dir, recipe.hub["repo_id"], token=os.environ.get(env) if env else None,
-                              private=recipe.hub["private"])
+        env = recipe.hub.token_env
+        hub_url = push_pruned(export_dir, recipe.hub.repo_id, token=os.environ.get(env) if env else None,
+                              private=recipe.hub.private)
         hub_url = str(hub_url) if hub_url is not None else None
         timings["push"] = time.perf_counter() - clock
     else:
@@ -416,11 +416,11 @@ def evaluate_checkpoint(recipe: Recipe, export_dir, dense_path, log: Log = _prin
     except ImportError:  # pragma: no cover
         pass
     settings = recipe.eval
-    device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common = dict(
-        sources=settings["perplexity"], seq_len=settings["seq_len"], tasks=settings["tasks"], speed=settings["speed"],
-        batch_size=settings["batch_size"], max_windows=settings["max_windows"], tail=settings["tail"],
-        task_dir=settings["task_dir"], zero_shot_limit=settings["zero_shot_limit"], progress=True,
+        sources=settings.perplexity, seq_len=settings.seq_len, tasks=settings.tasks, speed=settings.speed,
+        batch_size=settings.batch_size, max_windows=settings.max_windows, tail=settings.tail,
+        task_dir=settings.task_dir, zero_shot_limit=settings.zero_shot_limit, progress=True,
     )
     log(f"  pruned: {export_dir}")
     model, tokenizer = _load_for_eval(export_dir, device, "auto")
@@ -429,9 +429,9 @@ def evaluate_checkpoint(recipe: Recipe, export_dir, dense_path, log: Log = _prin
     del model, tokenizer
     _release_memory()
     dense = None
-    if settings["dense"]:
+    if settings.dense:
         log(f"  dense: {dense_path} ({str(dtype).removeprefix('torch.')}, as the pruned checkpoint)")
-        model, tokenizer = _load_for_eval(dense_path, device, dtype, recipe.model["trust_remote_code"])
+        model, tokenizer = _load_for_eval(dense_path, device, dtype, recipe.model.trust_remote_code)
         dense = evaluate_model(model, tokenizer, name="dense", **common)
         del model, tokenizer
         _release_memory()

@@ -245,10 +245,10 @@ def dry_run(
     clock = time.perf_counter()
     recipe = recipe_or_model_config if isinstance(recipe_or_model_config, Recipe) else None
     if recipe is not None:
-        config_source = recipe.model["model_config"] or recipe.model["name_or_path"]
+        config_source = recipe.model.model_config or recipe.model.name_or_path
         config = pruning_config or recipe.pruning
         if uniform is None:
-            uniform = recipe.export["uniform"]
+            uniform = recipe.export.uniform
         if total_steps is None:
             total_steps, steps_source = planned_steps(recipe, world_size)
     else:
@@ -264,7 +264,7 @@ def dry_run(
         hint = hint if recipe else ""
         raise ValueError(f"model config {config_source!r}: {' '.join(str(error).split())}{hint}") from None
     if recipe is not None and given_config is not None:
-        name = recipe.model["name_or_path"]  # the real config of a download: name it as the recipe does
+        name = recipe.model.name_or_path  # the real config of a download: name it as the recipe does
     else:
         name = str(getattr(model_config, "name_or_path", "") or config_source)
 
@@ -321,7 +321,7 @@ def dry_run(
             )
         checkpoint = _checkpoint_kind(model, after, uniform, model_config)
     timings["surgery + export config"] = time.perf_counter() - clock
-    if recipe is not None and recipe.model["load_in_8bit"]:
+    if recipe is not None and recipe.model.load_in_8bit:
         notes.append(
             "the run loads an 8-bit base: slicing int8 rows/columns and their scales (Linear8bitLt) is not exercised "
             "on meta, only in the tests on real int8 layers"
@@ -463,29 +463,29 @@ def steps_for(examples: int, args, world_size: int = 1) -> int:
 
 def count_examples(recipe) -> tuple[Optional[int], str]:
     """Training records of the recipe: `num_examples` hints, else counted in local files."""
-    sources = recipe.data["train"]
+    sources = recipe.data.train
     if not sources:
         return None, "no data.train in the recipe (pass --steps or set training.max_steps)"
     counts = []
     for source in sources:
-        count = source["num_examples"]
+        count = source.num_examples
         if count is None:
-            if not source["local"]:
-                return None, (f"data source {source['path']!r} is on the hub: give it num_examples, or set "
+            if not source.local:
+                return None, (f"data source {source.path!r} is on the hub: give it num_examples, or set "
                               "training.max_steps (or pass --steps)")
-            count = _count_local_records(source["path"])
-        count = max(0, count - source["skip_samples"])
-        if source["max_samples"] is not None:
-            count = min(count, source["max_samples"])
+            count = _count_local_records(source.path)
+        count = max(0, count - source.skip_samples)
+        if source.max_samples is not None:
+            count = min(count, source.max_samples)
         counts.append(count)
-    weights = [s["weight"] for s in sources]
+    weights = [s.weight for s in sources]
     if weights[0] is None:
         total = sum(counts)
     else:
         probabilities = [w / sum(weights) for w in weights]
         lengths = [c / p for c, p in zip(counts, probabilities)]
-        total = int(min(lengths) if recipe.data["mixing"] == "first_exhausted" else max(lengths))
-    total -= recipe.data["val_set_size"]
+        total = int(min(lengths) if recipe.data.mixing == "first_exhausted" else max(lengths))
+    total -= recipe.data.val_set_size
     return max(total, 0), "estimated from the data sources"
 
 
@@ -509,16 +509,16 @@ def _memory(recipe, model_config, notes: list[str]) -> Optional[str]:
         return None
     args = recipe.training
     lora = recipe.lora
-    load_in_8bit = recipe.model["load_in_8bit"]
+    load_in_8bit = recipe.model.load_in_8bit
     if load_in_8bit is None:
         load_in_8bit = recipe.pruning.importance == "lora"
-    dtype = recipe.model["dtype"] if recipe.model["dtype"] in ("bfloat16", "float16", "float32") else "bfloat16"
+    dtype = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
     try:
         estimate = estimate_memory(
             model_config,
             criterion=recipe.pruning.importance,
             load_in_8bit=bool(load_in_8bit),
-            seq_len=recipe.data["max_length"],
+            seq_len=recipe.data.max_length,
             batch_size=args.per_device_train_batch_size,
             lora_r=lora.r if lora is not None else 0,
             gradient_checkpointing=bool(args.gradient_checkpointing),

@@ -141,6 +141,33 @@ def test_bad_override_type_is_refused(capsys):
     assert code == 2 and "target_sparsity=1.5: must be in [0, 1)" in err
 
 
+@pytest.mark.parametrize("steps", ["-3", "0", "two"])
+def test_plan_refuses_a_step_count_below_one(capsys, steps):
+    code, out, err = _run(capsys, "plan", "smollm2-135m", "--steps", steps)
+    assert code == 2 and not out
+    assert f"argument --steps: {steps if steps != 'two' else repr(steps)}: must be an integer >= 1" in err
+
+
+def test_prune_help_lists_the_section_keys_and_the_shipped_recipes(capsys):
+    code, out, _ = _run(capsys, "prune", "--help")
+    assert code == 0
+    assert "max_shard_size" in out and "Shard size of the safetensors files" in out  # ExportSection's metadata
+    assert "one of first_exhausted, all_exhausted, phases" in out
+    assert "shipped recipes, by name:" in out and "llama-65b-50" in out and "smollm2-135m-demo" in out
+
+
+def test_recipes_run_by_name_from_any_directory(capsys, tmp_path, monkeypatch, data_dir, smollm2_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HFPRUNE_DATA_DIR", str(data_dir))
+    code, out, err = _run(capsys, "plan", "llama-7b-20")
+    assert code == 0, err
+    assert "Plan for llama-7b " in out and "Peak:" in out  # planned as a recipe, with its memory estimate
+    code, out, err = _run(capsys, "prune", "smollm2-135m-demo", "--dry-run")
+    assert code == 0, err
+    assert f"{data_dir / 'alpaca_en_demo.json'} -- 999 alpaca records" in out and "100 optimizer steps" in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
 def test_missing_recipe_and_debug_traceback(capsys, tmp_path):
     code, _, err = _run(capsys, "plan", str(tmp_path / "none.yaml"))
     assert code == 2 and "no such file" in err
