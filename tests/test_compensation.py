@@ -186,6 +186,9 @@ def test_lora_on_linear_compensates_the_effective_weight():
             torch.testing.assert_close(adapter.weight.detach(), _compensated(a_before[name], keep, remove, M),
                                        rtol=0, atol=1e-6)
         assert [(p, p.data_ptr()) for p in module.parameters()] == params  # same objects, same storage
+        means = torch.randn(before.shape[1], dtype=torch.float64)  # mean_shift reads the effective weight too
+        torch.testing.assert_close(mean_shift(means, remove, module),
+                                   (effective_weight(module)[:, remove].double() @ means[remove]).float())
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +254,12 @@ def test_int8_base_is_requantized_within_half_a_step(tiny_dir, lora, after_forwa
     new_error = (out - x @ effective_weight(module).T).abs().max()
     old_error = (out - x @ effective_before.T).abs().max()
     assert new_error < 0.25 * old_error, (float(new_error), float(old_error))
+    # the mean variant on an int8 base: a new float32 bias, added to the output
+    delta = torch.linspace(-1, 1, module.out_features)
+    add_output_bias_(module, delta)
+    assert int8.bias is not None and int8.bias.dtype == torch.float32 and not int8.bias.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), out + delta, rtol=0, atol=1e-5)
 
 
 # ---- GramHooks --------------------------------------------------------------------------------------------
