@@ -29,8 +29,10 @@ from .allocation import allocate, check_feasible
 from .atomic import save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
+from .compensator import CompensationRecord, make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import MaskHooks, PruningMasks
+from .removal import record_removal
 from .schedule import PruningSchedule
 from .sparsity import SparsityReport, count_parameters, removed_params
 from .structure import ModelStructure, discover_for_config
@@ -53,6 +55,7 @@ class PruningCallback(TrainerCallback):
         self.config = config
         self.criterion = make_criterion(config)  # unknown names fail here, before training
         self.accumulator = make_accumulator(config, self.criterion)
+        self.compensator = make_compensator(config)  # None unless config.compensation asks for it
         self.structure: Optional[ModelStructure] = None
         self.masks: Optional[PruningMasks] = None
         self.removal_masks: Optional[PruningMasks] = None  # masks applied physically, in original index space
@@ -85,6 +88,8 @@ class PruningCallback(TrainerCallback):
             tensors.update(self.masks.state_dict())
         if self.removal_masks is not None:
             tensors.update({f"removal.{k}": v for k, v in self.removal_masks.state_dict().items()})
+        if self.compensator is not None:
+            tensors.update(self.compensator.record.state_dict())
         metadata = {
             "config": json.dumps(self.config.to_dict()),
             "physically_pruned": json.dumps(self.physically_pruned),
@@ -131,6 +136,8 @@ class PruningCallback(TrainerCallback):
             self.removal_masks = PruningMasks.from_state_dict(
                 {k[len("removal."):]: v for k, v in tensors.items() if k.startswith("removal.")}
             )
+        if self.compensator is not None:
+            self.compensator.record = CompensationRecord.from_state_dict(tensors)
         self.history = json.loads(metadata.get("history", "[]"))
         self._original_prunable = int(metadata.get("original_prunable", self._original_prunable))
         self._original_total = int(metadata.get("original_total", self._original_total))
@@ -172,6 +179,8 @@ class PruningCallback(TrainerCallback):
             self.masks = PruningMasks.full(self.structure)
         if self._scoring(state.global_step):
             self.criterion.prepare(model, self.structure.prunable_layers)
+            if self.compensator is not None:
+                self.compensator.prepare(model, self.structure.prunable_layers)
         self.hooks = MaskHooks(self.structure, self.masks)
         self._log_event("pruning_started" if state.global_step == 0 else "pruning_resumed", state)
 
@@ -253,8 +262,10 @@ class PruningCallback(TrainerCallback):
         except RuntimeError as error:
             raise RuntimeError(f"step {step}, mask update: {error}; or start masking later "
                                f"(warmup_ratio={self.config.warmup_ratio})") from None
-        masks = allocate(self.structure, scores, self.config, progress, previous=self.masks)
-        self.masks = self._synchronise(masks)
+        masks = self._synchronise(allocate(self.structure, scores, self.config, progress, previous=self.masks))
+        if self.compensator is not None:
+            self.compensator.apply(self.structure, self.masks, masks)
+        self.masks = masks
         self.hooks.update(self.masks)
         report = self.sparsity()
         self.pending_logs.update(
@@ -268,8 +279,11 @@ class PruningCallback(TrainerCallback):
         self.history.append({"step": step, "event": "masks_updated", **report.as_dict()})
 
     def _release_criterion(self) -> None:
-        # Hook-based criteria stop recording and weight-gradient criteria re-freeze the base once scoring is over.
+        # Hook-based criteria stop recording and weight-gradient criteria re-freeze the base once scoring is over;
+        # the compensator's statistics go too (its record stays, for the export).
         self.criterion.release()
+        if self.compensator is not None:
+            self.compensator.release()
 
     def _remove_physically(self, optimizer, state) -> None:
         self._release_criterion()
@@ -277,6 +291,7 @@ class PruningCallback(TrainerCallback):
         records = remove_pruned_groups(self.structure, self.masks)
         sliced = slice_optimizer_state(optimizer, records) if optimizer is not None else 0
         self.removal_masks = self.masks
+        record_removal(self._model, self.masks, self.compensator.record if self.compensator is not None else None)
         self.structure = discover_for_config(self._model, self.config)
         self.masks = PruningMasks.full(self.structure)
         self.hooks = MaskHooks(self.structure, self.masks)

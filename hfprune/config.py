@@ -18,6 +18,7 @@ SCHEDULES = ("cubic", "linear", "one_shot")
 RANKINGS = ("local", "global")
 NORMALIZATIONS = ("module", "none")
 PHYSICAL_REMOVAL = ("after_pruning", "at_end")
+COMPENSATIONS = ("none", "least_squares")
 
 
 @dataclass
@@ -64,6 +65,13 @@ class PruningConfig:
             pruning stage (recovery then trains the smaller model); "at_end" keeps
             masks until training ends.
         seed: seed of the "random" criterion and of every tie-break.
+        compensation: "least_squares" folds the contribution of removed heads and channels
+            into the kept input columns of o_proj / down_proj (ridge-regularised least squares
+            on the activations seen while scoring, `hfprune.compensator`); "none" drops it.
+        compensation_ridge: ridge of the least-squares solve, as a multiple of the mean
+            diagonal of the kept features' Gram matrix (>= 0; larger = closer to no update).
+        compensation_tokens: at most this many tokens of each forward pass enter the Gram
+            matrices (an evenly spread subset), to bound the cost; None: every token.
     """
 
     target_sparsity: float = field(
@@ -121,6 +129,18 @@ class PruningConfig:
         metadata={"help": "When weights are sliced: after_pruning or at_end.", "choices": PHYSICAL_REMOVAL},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random criterion and tie-breaks."})
+    compensation: str = field(
+        default="none",
+        metadata={"help": "least_squares: kept o_proj/down_proj columns absorb what removed groups did; none.",
+                  "choices": COMPENSATIONS},
+    )
+    # benchmarks/compensation_probe.py: 1.0 was best with 64 x 256 calibration tokens and never worse than none.
+    compensation_ridge: float = field(
+        default=1.0, metadata={"help": "Ridge of the least-squares compensation, x the mean Gram diagonal (>= 0)."}
+    )
+    compensation_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Tokens of each forward pass folded into the Gram matrices (None: all)."}
+    )
 
     def __post_init__(self) -> None:
         self.structures = check.strings("structures", self.structures)
@@ -148,6 +168,9 @@ class PruningConfig:
         check.integer("pruning_steps", self.pruning_steps, minimum=1, optional=True)
         check.boolean("uniform", self.uniform)
         check.integer("seed", self.seed)
+        check.choice("compensation", self.compensation, COMPENSATIONS)
+        check.number("compensation_ridge", self.compensation_ridge, minimum=0)
+        check.integer("compensation_tokens", self.compensation_tokens, minimum=1, optional=True)
         if self.head_sparsity is not None and "heads" not in self.structures:
             raise ValueError(f"head_sparsity={self.head_sparsity} but structures={self.structures} has no 'heads'")
         if self.channel_sparsity is not None and "channels" not in self.structures:

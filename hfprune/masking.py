@@ -65,6 +65,25 @@ class PruningMasks:
     def clone(self) -> "PruningMasks":
         return PruningMasks({i: m.clone() for i, m in self.layers.items()})
 
+    def compose(self, later: "PruningMasks") -> "PruningMasks":
+        """These masks followed by `later`, which is over the groups these keep: one mask in this index space."""
+        layers = {}
+        for index, mask in self.layers.items():
+            then = later.layers.get(index)
+            if then is None:
+                layers[index] = mask.clone()
+                continue
+            if then.heads.numel() != int(mask.heads.sum()) or then.channels.numel() != int(mask.channels.sum()):
+                raise ValueError(
+                    f"layer {index}: the later masks cover {then.heads.numel()} heads / {then.channels.numel()} "
+                    f"channels, these keep {int(mask.heads.sum())} / {int(mask.channels.sum())}"
+                )
+            heads, channels = mask.heads.clone(), mask.channels.clone()
+            heads[mask.heads] = then.heads
+            channels[mask.channels] = then.channels
+            layers[index] = LayerMask(heads, channels)
+        return PruningMasks(layers)
+
     def is_full(self) -> bool:
         return all(bool(m.heads.all()) and bool(m.channels.all()) for m in self.layers.values())
 

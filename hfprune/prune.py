@@ -10,7 +10,10 @@ from torch import nn
 from .allocation import allocate, check_feasible
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
+from .compensator import make_compensator
 from .importance import make_accumulator, make_criterion, score_model
+from .masking import PruningMasks
+from .removal import record_removal
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
 
@@ -27,32 +30,47 @@ def prune_model(
     """Prune `model` to `config.target_sparsity` in one shot and return it, physically smaller.
 
     `calibration_data`: batches (dicts with `input_ids`, optionally `attention_mask`
-    and `labels`) for criteria that need gradients ("lora", "taylor", "taylor2",
-    "vector"); each batch is one backward pass and the scores are averaged.
+    and `labels`) for criteria that need forward passes or gradients, and for
+    `compensation`; each batch is one forward (and backward) pass and the scores are
+    averaged. What was removed (masks in the original index space, compensation maps)
+    is attached to the model (`hfprune.removal`), so `save_pruned(model, dir,
+    original_checkpoint=...)` can re-read and slice the full-precision original.
     """
     structure = discover_for_config(model, config)
     check_feasible(structure, config)
-    quiet_int8_cast_warning()
     criterion = make_criterion(config)
+    compensator = make_compensator(config)
+    if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
+        what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")
+        why = f"importance={config.importance!r}" if criterion.needs != "nothing" else \
+            f"compensation={config.compensation!r}"
+        raise ValueError(
+            f"{why} needs {what}: pass calibration_data (batches of input_ids)"
+            + (", or use importance='magnitude' or 'random'" if criterion.needs != "nothing" else
+               ", or compensation='none'")
+        )
+    quiet_int8_cast_warning()
     accumulator = make_accumulator(config, criterion, one_shot=True)
-    if criterion.needs == "nothing":
-        score_model(structure, criterion, accumulator)
-    else:
-        if calibration_data is None:
-            what = "forward passes" if criterion.needs == "forward" else "gradients"
-            raise ValueError(
-                f"importance={config.importance!r} needs {what}: pass calibration_data (batches of input_ids), "
-                "or use importance='magnitude' or 'random'"
-            )
-        try:
-            if criterion.needs == "forward":
-                _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data)
-            else:
-                _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
-        finally:
-            criterion.release()  # hooks must not outlive the call, unfrozen weights are frozen again
-    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
+    try:
+        if compensator is not None:
+            compensator.prepare(model, structure.prunable_layers)  # its statistics come from the same passes
+        if criterion.needs == "nothing":
+            if compensator is not None:
+                _forward_passes(model, calibration_data)
+            score_model(structure, criterion, accumulator)
+        elif criterion.needs == "forward":
+            _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data)
+        else:
+            _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
+        masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
+        if compensator is not None:
+            compensator.apply(structure, PruningMasks.full(structure), masks)
+    finally:
+        criterion.release()  # hooks must not outlive the call, unfrozen weights are frozen again
+        if compensator is not None:
+            compensator.release()
     remove_pruned_groups(structure, masks)
+    record_removal(model, masks, compensator.record if compensator is not None else None)
     return model
 
 
@@ -82,9 +100,8 @@ def _batches_on(model, calibration_data):
 
 
 @torch.no_grad()
-def _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data) -> None:
-    """Gradient-free criteria: activation statistics from forward passes only (inference memory)."""
-    criterion.prepare(model, structure.prunable_layers)
+def _forward_passes(model, calibration_data) -> int:
+    """No-grad forward passes over the calibration batches, in eval mode (what hooks record); returns the count."""
     was_training = model.training
     model.eval()
     try:
@@ -93,11 +110,18 @@ def _score_with_forward_passes(model, structure, criterion, accumulator, calibra
             batch.pop("labels", None)
             model(**batch)
             batches += 1
-        if batches == 0:
-            raise ValueError("calibration_data is empty: pass at least one batch")
-        score_model(structure, criterion, accumulator)
     finally:
         model.train(was_training)
+    if batches == 0:
+        raise ValueError("calibration_data is empty: pass at least one batch")
+    return batches
+
+
+def _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data) -> None:
+    """Gradient-free criteria: activation statistics from forward passes only (inference memory)."""
+    criterion.prepare(model, structure.prunable_layers)
+    _forward_passes(model, calibration_data)
+    score_model(structure, criterion, accumulator)
 
 
 def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:

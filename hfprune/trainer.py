@@ -230,7 +230,7 @@ class PruningTrainer(Trainer):
         from .distill import distillation_step
 
         # Hook-based criteria must not record the teacher's forward either.
-        switches = [callback.hooks, callback.criterion]
+        switches = [callback.hooks, callback.criterion, callback.compensator]
         # As Trainer.compute_loss does: the token count over all accumulated micro-batches normalises the loss
         # only when the Trainer expects it to (otherwise it divides by the accumulation steps itself).
         scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None

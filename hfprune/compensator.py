@@ -1,0 +1,187 @@
+"""The engine's use of compensation: Gram statistics while scoring, the kept columns updated at each
+mask update, and the record that lets the export replay it on the full-precision weights.
+
+    compensator = Compensator(method="least_squares", ridge=1.0)
+    compensator.prepare(model, structure.prunable_layers)   # Gram hooks on o_proj / down_proj inputs
+    ... forward passes (training steps, calibration batches) ...
+    compensator.apply(structure, old_masks, new_masks)       # W_K += W_R M for the newly removed groups
+    compensator.release()                                    # hooks off; the record stays
+
+The record holds, per layer and consumer projection (o_proj: query heads, down_proj: MLP
+channels), the input features removed so far `R`, those kept `K` and one matrix `M` such that
+the kept columns of the *original* weight become `W_K + W_R @ M`. Successive updates compose
+into that one matrix (an update only ever adds removed columns into kept ones):
+
+    after removing R' from K (K' = K \\ R', map M' on the current weight):
+        M_new[R rows]  = M[:, K'] + M[:, R'] @ M'
+        M_new[R' rows] = M'
+
+so the export applies one matrix product per projection, whatever the schedule did. Indices
+are in the layer's input-feature space when the record was started (the original checkpoint's,
+for a model pruned once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .compensation import ROLES, GramHooks, compensate_columns_, least_squares_map
+from .masking import LayerMask, PruningMasks
+from .structure import LayerStructure, ModelStructure
+
+METHODS = ("none", "least_squares")
+
+
+def kept_features(layer: LayerStructure, mask: LayerMask, role: str) -> torch.Tensor:
+    """Bool [in_features] of `role`'s input that the mask keeps: head_dim columns per query head of
+    o_proj, one column per channel of down_proj."""
+    if role == "o_proj":
+        return mask.heads.repeat_interleave(layer.head_dim)
+    return mask.channels
+
+
+@dataclass
+class ColumnMap:
+    """The kept columns of one projection: `W[:, kept] + W[:, removed] @ matrix` (original index space)."""
+
+    kept: torch.Tensor  # long [|K|]
+    removed: torch.Tensor  # long [|R|]
+    matrix: torch.Tensor  # float32 [|R|, |K|], on the CPU
+
+    def then(self, removed_now: torch.Tensor, m_now: torch.Tensor) -> "ColumnMap":
+        """This map followed by moving `removed_now` (original indices, a subset of `kept`) into the rest."""
+        stays = ~torch.isin(self.kept, removed_now)
+        goes = ~stays
+        kept = self.kept[stays]
+        m_now = m_now.float().cpu()
+        old_rows = self.matrix[:, stays] + self.matrix[:, goes] @ m_now
+        return ColumnMap(kept, torch.cat([self.removed, self.kept[goes]]), torch.cat([old_rows, m_now]))
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """The compensated kept columns `W[:, K] + W[:, R] @ M` of a full-width `[out, in]` weight, float32."""
+        kept = weight.index_select(1, self.kept.to(weight.device)).float()
+        if self.removed.numel() == 0:
+            return kept
+        removed = weight.index_select(1, self.removed.to(weight.device)).float()
+        return kept + removed @ self.matrix.to(weight.device)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.kept": self.kept, f"{prefix}.removed": self.removed, f"{prefix}.matrix": self.matrix}
+
+
+class CompensationRecord:
+    """Every `ColumnMap` of a model, by (layer index, role); what the export replays."""
+
+    def __init__(self, maps: Optional[dict[tuple[int, str], ColumnMap]] = None):
+        self.maps: dict[tuple[int, str], ColumnMap] = dict(maps or {})
+
+    def __bool__(self) -> bool:
+        return bool(self.maps)
+
+    def get(self, layer_index: int, role: str) -> Optional[ColumnMap]:
+        return self.maps.get((layer_index, role))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for (index, role), column_map in sorted(self.maps.items()):
+            out.update(column_map.state_dict(f"compensation.{index}.{role}"))
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "CompensationRecord":
+        maps = {}
+        for key in state:
+            parts = key.split(".")
+            if len(parts) == 4 and parts[0] == "compensation" and parts[3] == "matrix":
+                prefix = ".".join(parts[:3])
+                maps[(int(parts[1]), parts[2])] = ColumnMap(
+                    state[f"{prefix}.kept"].long(), state[f"{prefix}.removed"].long(), state[key].float()
+                )
+        return cls(maps)
+
+
+class Compensator:
+    """Gram statistics of the consumer inputs, and the least-squares update at every mask update."""
+
+    def __init__(self, method: str = "least_squares", ridge: float = 1.0, max_tokens: Optional[int] = None,
+                 device=None):
+        if method not in METHODS:
+            raise ValueError(f"compensation={method!r}: must be one of {', '.join(METHODS)}")
+        self.method = method
+        self.ridge = ridge
+        self.hooks = GramHooks(max_tokens=max_tokens, device=device)
+        self.record = CompensationRecord()
+        self.updates = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.hooks.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:  # paused like the hook-based criteria (a teacher's forward)
+        self.hooks.enabled = value
+
+    def prepare(self, model: nn.Module, layers: Iterable[LayerStructure]) -> None:
+        self.hooks.prepare(model, layers)
+
+    def release(self) -> None:
+        self.hooks.release()
+
+    def tokens_seen(self) -> int:
+        return max((gram.count for gram in self.hooks.grams.values()), default=0)
+
+    @torch.no_grad()
+    def apply(self, structure: ModelStructure, before: PruningMasks, after: PruningMasks) -> int:
+        """Compensate the groups `after` removes that `before` kept; returns the projections updated.
+
+        Raises when a projection that loses features has no statistics (no forward pass was seen)."""
+        updated = 0
+        for layer in structure.prunable_layers:
+            for role in ROLES:
+                was = kept_features(layer, before[layer.index], role)
+                now = kept_features(layer, after[layer.index], role)
+                newly = was & ~now
+                if not newly.any():
+                    continue
+                gram = self.hooks.gram(layer.index, role)
+                if gram is None or gram.count == 0:
+                    raise RuntimeError(
+                        f"compensation: no input statistics for layer {layer.index} {role} (no forward pass was "
+                        "seen since compensation started): run forward passes before removing groups"
+                    )
+                sigma = _all_reduced(gram.gram)
+                m_now = least_squares_map(sigma, now, newly, ridge=self.ridge, excluded=~was)
+                compensate_columns_(layer.projection(role), now, newly, m_now)
+                self._record(layer.index, role, was, newly, m_now)
+                updated += 1
+        self.updates += 1
+        return updated
+
+    def _record(self, index: int, role: str, was: torch.Tensor, newly: torch.Tensor, m_now: torch.Tensor) -> None:
+        current = self.record.get(index, role)
+        if current is None:  # first removal in this projection: nothing removed before
+            current = ColumnMap(was.nonzero().squeeze(1), torch.zeros(0, dtype=torch.long),
+                                torch.zeros(0, int(was.sum())))
+        self.record.maps[(index, role)] = current.then(newly.nonzero().squeeze(1), m_now)
+
+
+def make_compensator(config) -> Optional[Compensator]:
+    """The compensator a `PruningConfig` asks for (None for `compensation="none"`)."""
+    if config.compensation == "none":
+        return None
+    return Compensator(config.compensation, ridge=config.compensation_ridge, max_tokens=config.compensation_tokens)
+
+
+def _all_reduced(sigma: torch.Tensor) -> torch.Tensor:
+    """Under data parallelism every rank saw other tokens: the Gram is the sum over ranks (so every rank
+    computes the same map, as it holds the same weights and masks)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sigma = sigma.clone()
+        if torch.distributed.get_backend() == "nccl" and not sigma.is_cuda:
+            sigma = sigma.cuda()
+        torch.distributed.all_reduce(sigma)
+    return sigma
