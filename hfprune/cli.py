@@ -273,7 +273,9 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_estimate(args) -> int:
-    from .estimate import compare_criteria, comparison_markdown, estimate_memory, model_shapes, recipe_settings
+    from .estimate import (
+        compare_criteria, comparison_markdown, estimate_memory, model_shapes, recipe_model_source, recipe_settings,
+    )
 
     given = {name: value for name, value in (
         ("criterion", args.criterion), ("load_in_8bit", args.load_in_8bit), ("load_in_4bit", args.load_in_4bit),
@@ -286,11 +288,11 @@ def _cmd_estimate(args) -> int:
         from .recipes import load_recipe
 
         recipe = load_recipe(args.model, check_device=False)
-        source = recipe.model["model_config"] or recipe.model["name_or_path"]
+        source = recipe_model_source(recipe)
         settings = {**recipe_settings(recipe), **given}
-        if "criterion" in given and recipe.model["load_in_8bit"] is None:
+        if "criterion" in given and recipe.model.load_in_8bit is None:
             settings.pop("load_in_8bit")  # PruningTrainer's default for the criterion asked for
-        label = recipe.model["name_or_path"]
+        label = recipe.model.name_or_path
         print(f"Settings of recipe {args.model} (flags override them):\n")
     else:
         source, settings, label = args.model, given, args.model

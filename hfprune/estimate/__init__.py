@@ -28,7 +28,7 @@ assumed for a quantized base prepared for k-bit training.
 from .memory import compare_criteria, estimate_memory
 from .model_configs import MODEL_CONFIG_DIR, available_model_configs, build_meta_model, load_model_config
 from .phases import PERSISTENT
-from .recipe import estimate_recipe, recipe_settings
+from .recipe import estimate_recipe, recipe_model_source, recipe_settings
 from .report import COMPONENT_LABELS, GiB, MemoryEstimate, comparison_markdown
 from .shapes import LayerShapes, ModelShapes, model_shapes
 
@@ -48,5 +48,6 @@ __all__ = [
     "estimate_recipe",
     "load_model_config",
     "model_shapes",
+    "recipe_model_source",
     "recipe_settings",
 ]

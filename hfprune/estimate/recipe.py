@@ -50,8 +50,13 @@ def estimate_recipe(recipe, shapes: Optional[Any] = None, **overrides) -> Memory
     """`estimate_memory` for what `recipe` runs; `shapes`: its model (a `ModelShapes`, a model or a
     config; default: the recipe's `model.model_config`, else `model.name_or_path`); `overrides`
     replace settings."""
-    source = shapes if shapes is not None else (recipe.model.model_config or recipe.model.name_or_path)
+    source = shapes if shapes is not None else recipe_model_source(recipe)
     return estimate_memory(source, **{**recipe_settings(recipe), **overrides})
+
+
+def recipe_model_source(recipe) -> str:
+    """Where the recipe's model is measured from: `model.model_config`, else `model.name_or_path`."""
+    return recipe.model.model_config or recipe.model.name_or_path
 
 
 def _optimizer(optim: Any) -> str:
