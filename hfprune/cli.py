@@ -4,7 +4,7 @@
     hfprune plan RECIPE.yaml|RECIPE_NAME|MODEL_CONFIG [section.key=value ...] [--steps N] [--per-layer]
     hfprune eval MODEL --ppl-source FILE ... [--seq-len N] [--max-windows N] [--baseline MODEL] [--speed] [--tasks ...]
     hfprune push DIR REPO_ID [--private] [--token TOKEN]
-    hfprune estimate MODEL_OR_CONFIG [--criterion lora] [--load-in-8bit] [--seq-len 512] [--batch 1]
+    hfprune estimate MODEL_OR_CONFIG|RECIPE.yaml [--criterion lora] [--load-in-8bit|--load-in-4bit] [--seq-len N]
 
 Errors are one line on stderr and exit status 2 (`--debug` shows the traceback).
 """
@@ -27,7 +27,10 @@ _OVERRIDE_HELP = (
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):  # a default that depends on the recipe says so itself
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _wrap(text: str) -> str:
@@ -144,26 +147,41 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="commit title (default: one naming the sparsity and base model)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
 
+    from .importance import available_importances
+
     estimate = commands.add_parser(
         "estimate",
         help="accelerator memory of pruning a model, LoRA criterion vs full-gradient Taylor",
         description=_wrap(
-            "Peak memory of one pruning step (weights, LoRA, optimizer, activations, loss, scoring) from the "
-            "model config alone, for the given settings, followed by LoRAPrune's setting (lora, 8-bit base) "
+            "Peak memory of one pruning step (weights, LoRA, optimizer, activations, loss, scoring) without "
+            "loading a weight: the model is built on the meta device from its config. Give a model config and "
+            "the settings, or a recipe (its criterion, base, data.max_length, micro-batch, LoRA and "
+            "checkpointing; the flags override them). Followed by LoRAPrune's setting (lora, 8-bit base) "
             "against LLM-Pruner's (taylor, bf16)."
         ),
         formatter_class=_Formatter,
     )
-    estimate.add_argument("model", metavar="MODEL_OR_CONFIG",
-                          help="short name from hfprune/model_configs (llama-65b), config.json path or hub id")
-    estimate.add_argument("--criterion", default="lora", help="importance criterion: lora, taylor, taylor2, vector, "
-                                                                "magnitude, random")
+    estimate.add_argument("model", metavar="MODEL_OR_CONFIG|RECIPE.yaml",
+                          help="short name from hfprune/model_configs (llama-65b), config.json path, hub id, "
+                               "or a recipe")
+    estimate.add_argument("--criterion", choices=available_importances(), metavar="NAME",
+                          help="a registered importance criterion: " + ", ".join(available_importances())
+                               + " (default: lora, or the recipe's)")
     estimate.add_argument("--load-in-8bit", action=argparse.BooleanOptionalAction, default=None,
-                          help="8-bit base (default: on for criteria that need no weight gradients)")
-    estimate.add_argument("--seq-len", type=int, metavar="N", default=512, help="tokens per sequence")
-    estimate.add_argument("--batch", type=int, metavar="N", default=1, help="sequences per micro-batch")
-    estimate.add_argument("--lora-r", type=int, metavar="N", default=8, help="LoRA rank")
-    estimate.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation")
+                          help="8-bit base (default: on unless --load-in-4bit or the criterion needs full weight "
+                               "gradients, as PruningTrainer loads it; or the recipe's model.load_in_8bit)")
+    estimate.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                          help="4-bit base (bitsandbytes NF4/FP4, QLoRA-style; not with full-gradient criteria) "
+                               "(default: off, or the recipe's model.load_in_4bit)")
+    estimate.add_argument("--double-quant", action="store_true",
+                          help="4-bit with double quantization (bnb_4bit_use_double_quant)")
+    estimate.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (default: 512, or the "
+                                                                   "recipe's data.max_length)")
+    estimate.add_argument("--batch", type=int, metavar="N",
+                          help="sequences per micro-batch (default: 1, or the recipe's per_device_train_batch_size)")
+    estimate.add_argument("--lora-r", type=int, metavar="N", help="LoRA rank (default: 8, or the recipe's)")
+    estimate.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                          help="keep only each layer's input and recompute (default: on, or the recipe's)")
     estimate.add_argument("--gpu-gb", type=float, metavar="GB", default=80,
                           help="GPU size for the fits / does not fit verdict")
     return parser
@@ -256,23 +274,43 @@ def _cmd_push(args) -> int:
 
 def _cmd_estimate(args) -> int:
     from .estimate import (
-        FULL_GRADIENT_CRITERIA, compare_criteria, comparison_markdown, estimate_memory, load_model_config,
+        compare_criteria, comparison_markdown, estimate_memory, model_shapes, recipe_model_source, recipe_settings,
     )
 
-    config = load_model_config(args.model)
-    load_in_8bit = args.load_in_8bit
-    if load_in_8bit is None:
-        load_in_8bit = args.criterion not in FULL_GRADIENT_CRITERIA
-    settings = dict(seq_len=args.seq_len, batch_size=args.batch, lora_r=args.lora_r,
-                    gradient_checkpointing=not args.no_gradient_checkpointing)
-    estimate = estimate_memory(config, criterion=args.criterion, load_in_8bit=load_in_8bit, **settings)
+    given = {name: value for name, value in (
+        ("criterion", args.criterion), ("load_in_8bit", args.load_in_8bit), ("load_in_4bit", args.load_in_4bit),
+        ("seq_len", args.seq_len), ("batch_size", args.batch), ("lora_r", args.lora_r),
+        ("gradient_checkpointing", args.gradient_checkpointing),
+    ) if value is not None}
+    if args.double_quant:
+        given["double_quant"] = True
+    if _is_recipe(args.model):
+        from .recipes import load_recipe
+
+        recipe = load_recipe(args.model, check_device=False)
+        source = recipe_model_source(recipe)
+        settings = {**recipe_settings(recipe), **given}
+        if "criterion" in given and recipe.model.load_in_8bit is None:
+            settings.pop("load_in_8bit")  # PruningTrainer's default for the criterion asked for
+        label = recipe.model.name_or_path
+        print(f"Settings of recipe {args.model} (flags override them):\n")
+    else:
+        source, settings, label = args.model, given, args.model
+    # One quantized base: asking for one turns the other off unless it was asked for too.
+    for flag, other in (("load_in_4bit", "load_in_8bit"), ("load_in_8bit", "load_in_4bit")):
+        if given.get(flag) and other not in given:
+            settings[other] = False
+    shapes = model_shapes(source)
+    estimate = estimate_memory(shapes, **settings)
     gpu_bytes = args.gpu_gb * 1e9
     print(estimate.to_markdown())
     print(f"\nFits one {args.gpu_gb:g} GB GPU: {'yes' if estimate.fits(gpu_bytes) else 'no'} "
           "(with ~1 GiB CUDA context and 5% allocator slack)")
-    comparison = compare_criteria(config, **settings)
+    s = estimate.settings
+    comparison = compare_criteria(shapes, seq_len=s["seq_len"], batch_size=s["batch_size"], lora_r=s["lora_r"] or 8,
+                                  gradient_checkpointing=s["gradient_checkpointing"])
     print("\nLoRAPrune (lora, 8-bit base) vs LLM-Pruner (taylor, bf16 weights and full gradients):\n")
-    print(comparison_markdown({args.model: comparison}, gpu_bytes=gpu_bytes))
+    print(comparison_markdown({label: comparison}, gpu_bytes=gpu_bytes))
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from .config import PruningConfig
+from .estimate.model_configs import build_meta_model  # noqa: F401  (public here too: plan builds on meta)
 
 PLACEHOLDER_NOTE = (
     "scores are placeholders: zero for every group, ties broken by index (the lowest indices are removed); "
@@ -192,14 +193,6 @@ def placeholder_scores(structure) -> dict:
     }
 
 
-def build_meta_model(config):
-    """The full-size model with every tensor on the meta device (no memory, no initialisation)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def _layer_params(layer) -> int:
     return layer.attention_params + layer.mlp_params
 
@@ -234,7 +227,7 @@ def dry_run(
         steps_source: how `total_steps` was found, for the printout.
     """
     from .allocation import allocate, check_feasible
-    from .estimate import load_model_config
+    from .estimate import load_model_config, model_shapes
     from .recipes import Recipe
     from .schedule import PruningSchedule
     from .sparsity import removed_params
@@ -270,6 +263,8 @@ def dry_run(
 
     model = build_meta_model(model_config)
     timings["build on meta"] = time.perf_counter() - clock
+    # The estimate measures the model as it is before pruning (LoRA and surgery change it below).
+    shapes = model_shapes(model) if memory and recipe is not None else None
     notes = [PLACEHOLDER_NOTE]
     if config.ranking == "global":
         notes.append(
@@ -340,8 +335,8 @@ def dry_run(
         schedule = {"total_steps": None, "note": f"unknown: {steps_source}"}
 
     memory_text = None
-    if memory and recipe is not None:
-        memory_text = _memory(recipe, model_config, notes)
+    if shapes is not None:
+        memory_text = _memory(recipe, shapes, notes)
 
     return PlanResult(
         model=name,
@@ -501,29 +496,12 @@ def _count_local_records(path: str) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def _memory(recipe, model_config, notes: list[str]) -> Optional[str]:
+def _memory(recipe, shapes, notes: list[str]) -> Optional[str]:
+    """The memory estimate of what the recipe runs, for the model `shapes` describes."""
+    from .estimate import estimate_recipe
+
     try:
-        from .estimate import estimate_memory
-    except ImportError as error:  # pragma: no cover - the estimator is optional for planning
-        notes.append(f"memory estimate unavailable: {error}")
-        return None
-    args = recipe.training
-    lora = recipe.lora
-    load_in_8bit = recipe.model.load_in_8bit
-    if load_in_8bit is None:
-        load_in_8bit = recipe.pruning.importance == "lora"
-    dtype = recipe.model.dtype if recipe.model.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    try:
-        estimate = estimate_memory(
-            model_config,
-            criterion=recipe.pruning.importance,
-            load_in_8bit=bool(load_in_8bit),
-            seq_len=recipe.data.max_length,
-            batch_size=args.per_device_train_batch_size,
-            lora_r=lora.r if lora is not None else 0,
-            gradient_checkpointing=bool(args.gradient_checkpointing),
-            compute_dtype=dtype,
-        )
+        estimate = estimate_recipe(recipe, shapes)
     except (ValueError, TypeError) as error:
         notes.append(f"memory estimate unavailable: {' '.join(str(error).split())}")
         return None

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from hfprune.estimate import (
-    CRITERIA,
-    GiB,
     MODEL_CONFIG_DIR,
     PERSISTENT,
-    PROJECTIONS,
+    GiB,
     MemoryEstimate,
     available_model_configs,
     compare_criteria,
     estimate_memory,
     load_model_config,
 )
+from hfprune.importance import available_importances, get_importance
+from hfprune.structure import PROJECTION_ROLES as PROJECTIONS
 
 # Published sizes (model cards / papers).
 PUBLISHED_PARAMETERS = {
@@ -175,7 +175,7 @@ def test_grows_with_seq_len_and_shrinks_with_checkpointing():
     [
         ({"seq_len": 0}, r"seq_len=0: must be a positive integer"),
         ({"batch_size": -1}, r"batch_size=-1: must be a positive integer"),
-        ({"criterion": "fisher"}, r"criterion='fisher': must be one of \['lora', 'taylor'"),
+        ({"criterion": "fisher"}, r"criterion='fisher': must be one of \[.*'activation_taylor'.*'lora'.*'taylor'"),
         ({"compute_dtype": "int4"}, r"compute_dtype='int4': must be one of \['bfloat16', 'float16', 'float32'\]"),
         ({"optimizer": "adam"}, r"optimizer='adam': must be one of \['adamw'"),
         ({"lora_target_modules": ("q_proj", "qkv")}, r"\['qkv'\] not among \['q_proj'"),
@@ -190,8 +190,8 @@ def test_bad_inputs_name_the_value_and_the_options(kwargs, message):
 
 
 def test_every_criterion_and_architecture_estimates():
-    for criterion in CRITERIA:
-        eight_bit = criterion not in ("taylor", "taylor2", "vector")
+    for criterion in available_importances():
+        eight_bit = not get_importance(criterion).needs_weight_gradients
         assert estimate_memory("smollm2-135m", criterion=criterion, load_in_8bit=eight_bit).total > 0
     gemma = estimate_memory("gemma-2-9b", gradient_checkpointing=False)
     assert gemma.settings["attn_implementation"] == "eager"  # SDPA refuses softcapping
@@ -286,3 +286,212 @@ def test_activation_formula_matches_an_8bit_lora_model(tmp_path):
     assert all(m.weight.dtype == torch.int8 for m in int8)
     stored = sum(m.weight.untyped_storage().nbytes() + m.state.SCB.untyped_storage().nbytes() for m in int8)
     assert stored == estimate.components["base_weights"]
+
+
+# ---- the criterion's cost comes from the registry ---------------------------------------------------------
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register criteria for one test only (the registry is restored afterwards)."""
+    from hfprune.importance import ImportanceCriterion, base, register_importance
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    def register(name, **declared):
+        cls = type(name, (ImportanceCriterion,), {"name": name, **declared})
+        register_importance(name)(cls)
+        return cls
+
+    return register
+
+
+LLAMA_7B_PROJECTIONS = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+
+
+def test_a_registered_criterion_is_estimated_from_what_it_declares(registered):
+    registered("costly", needs="nothing", work_buffers=5, weight_state_buffers=2)
+    plain = estimate_memory("llama-7b", criterion="magnitude")  # needs nothing, one work buffer
+    costly = estimate_memory("llama-7b", criterion="costly")
+    assert costly.components["importance_workspace"] == 5 * 11008 * 4096 * 4  # fp32, the largest projection
+    assert plain.components["importance_workspace"] == 1 * 11008 * 4096 * 4
+    # two buffers the size of every scored weight, in the weight dtype (bf16)
+    assert costly.components["score_buffers"] - plain.components["score_buffers"] == 2 * LLAMA_7B_PROJECTIONS * 2
+    assert costly.settings["load_in_8bit"]  # PruningTrainer's default for a criterion without weight gradients
+
+    registered("from_lora", needs="lora_gradients", work_buffers=1)
+    on_qv = estimate_memory("llama-7b", criterion="from_lora", lora_target_modules=("q_proj", "v_proj"))
+    assert on_qv.components["importance_workspace"] == 4096 * 4096 * 4  # it scores the adapted modules only
+    with pytest.raises(ValueError, match="criterion='from_lora' with lora_r=0"):
+        estimate_memory("llama-7b", criterion="from_lora", lora_r=0)
+
+    registered("gradients", needs="weight_gradients", work_buffers=2)
+    with pytest.raises(ValueError, match=r"criterion='gradients' with load_in_8bit=True.*full gradients.*'costly'"):
+        estimate_memory("llama-7b", criterion="gradients", load_in_8bit=True)
+    dense = estimate_memory("llama-7b", criterion="gradients")  # the default base: bf16, as PruningTrainer loads it
+    assert not dense.settings["load_in_8bit"]
+    taylor = estimate_memory("llama-7b", criterion="taylor")
+    assert dense.components == taylor.components and dense.total == taylor.total
+
+
+def test_a_registered_criterion_in_estimate_help_and_in_the_plan(registered, capsys, tmp_path):
+    from hfprune.cli import main
+    from hfprune.plan import dry_run
+    from hfprune.recipes import load_recipe
+
+    registered("my_criterion", needs="forward")
+    assert main(["estimate", "--help"]) == 0
+    assert "my_criterion" in capsys.readouterr().out
+    assert main(["estimate", "smollm2-135m", "--criterion", "my_criterion"]) == 0
+    out = capsys.readouterr().out
+    assert "criterion `my_criterion`, 8-bit base" in out and "Peak:" in out
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct, model_config: smollm2-135m}\n"
+                    "pruning: {target_sparsity: 0.2, importance: my_criterion}\n"
+                    f"training: {{max_steps: 20, output_dir: {tmp_path / 'out'}}}\n")
+    plan = dry_run(load_recipe(path, check_device=False))
+    assert plan.memory and "criterion `my_criterion`" in plan.memory
+    assert not [note for note in plan.notes if "memory estimate unavailable" in note]
+
+
+QUALITY_RECIPES = sorted((MODEL_CONFIG_DIR.parent.parent / "recipes").glob("smollm2-135m-quality-*.yaml"))
+
+
+@pytest.mark.parametrize("path", QUALITY_RECIPES, ids=lambda p: p.stem)
+def test_activation_taylor_recipes_plan_with_a_memory_estimate(path):
+    from hfprune.estimate import estimate_recipe
+    from hfprune.plan import dry_run
+    from hfprune.recipes import load_recipe
+
+    recipe = load_recipe(path, check_device=False)
+    assert recipe.pruning.importance == "activation_taylor"
+    plan = dry_run(recipe)
+    assert not [note for note in plan.notes if "memory estimate unavailable" in note]
+    assert "criterion `activation_taylor`" in plan.memory
+    # the plan measures the meta model it built: the same estimate as building the model again
+    assert f"Peak: **{estimate_recipe(recipe).total_gib:.2f} GiB**" in plan.memory
+
+
+def test_activation_probe_saves_what_o_proj_and_down_proj_pass_on():
+    """activation_taylor's probe keeps the inputs of o_proj / down_proj for its backward: the same storage when
+    the projection keeps its input anyway (LoRA on it), one T*I tensor per layer more when it does not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hfprune.structure import discover
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    seq_len, fp32 = 64, 4
+    ids = torch.randint(0, 300, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    for targets in (list(PROJECTIONS), ["q_proj", "v_proj"]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=targets, lora_dropout=0.0)).train()
+        without_probe = _count_saved_activations(model, ids)
+        criterion = get_importance("activation_taylor")
+        criterion.prepare(model, discover(model).layers)
+        with_probe = _count_saved_activations(model, ids)
+        criterion.release()
+        settings = dict(load_in_8bit=False, seq_len=seq_len, lora_r=8, lora_target_modules=targets,
+                        gradient_checkpointing=False, compute_dtype="float32")
+        probed = estimate_memory(config, criterion="activation_taylor", **settings)
+        plain = estimate_memory(config, criterion="magnitude", **settings)
+        extra = with_probe - without_probe
+        assert extra == probed.components["saved_activations"] - plain.components["saved_activations"]
+        assert extra == (0 if "down_proj" in targets else 2 * seq_len * 160 * fp32)
+        # and the formula is the count (the first norm keeps nothing: the frozen embedding needs no gradient)
+        first_norm, log_softmax = fp32 * seq_len * 64 + fp32 * seq_len, fp32 * seq_len * 300
+        assert probed.components["saved_activations"] - first_norm + log_softmax == pytest.approx(with_probe, rel=0.001)
+    # the probe's statistics: float64 per feature of o_proj and down_proj, kept between scorings
+    assert probed.components["score_buffers"] - plain.components["score_buffers"] == 2 * (64 + 160) * 16
+
+
+# ---- shapes from discovery: pruned and heterogeneous models -----------------------------------------------
+
+
+def test_a_heterogeneous_config_is_measured_layer_by_layer():
+    from transformers import LlamaConfig
+
+    from hfprune.estimate import model_shapes
+
+    base = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000)
+    full = model_shapes(LlamaConfig(**base))
+    pruned = model_shapes(LlamaConfig(**base, per_layer_config={1: {"intermediate_size": 256,
+                                                                     "num_key_value_heads": 1}}))
+    assert [(layer.kv_heads, layer.intermediate) for layer in pruned.layers] == [(2, 512), (1, 256), (2, 512), (2, 512)]
+    removed = 256 * 3 * 256 + 2 * 64 * 256  # MLP channels (gate, up rows, down columns), one k and one v head
+    assert full.num_parameters - pruned.num_parameters == removed
+    assert pruned.layers[1].parameters == full.layers[1].parameters - removed
+
+
+def test_a_pruned_model_and_its_exported_checkpoint_estimate_alike(tmp_path):
+    from hfprune import PruningConfig, prune_model
+    from hfprune.estimate import model_shapes
+    from hfprune.export import save_pruned
+
+    from .tiny_models import tiny_model
+
+    model = prune_model(tiny_model("llama"), PruningConfig(target_sparsity=0.4, importance="magnitude",
+                                                           protected_layers=(0,)))
+    save_pruned(model, tmp_path / "pruned", dtype=torch.float32)
+    exported = load_model_config(tmp_path / "pruned")
+    assert exported.model_type == "hfprune_llama"  # heterogeneous: per_layer_config + shipped modeling code
+    in_memory, from_config = model_shapes(model), model_shapes(exported)
+    assert from_config.layers == in_memory.layers and len({layer.intermediate for layer in in_memory.layers}) > 1
+    assert from_config.num_parameters == in_memory.num_parameters == sum(p.numel() for p in model.parameters())
+    # (the tiny model runs eager attention, a config loads with the default: compare one kind)
+    settings = dict(criterion="activation_taylor", seq_len=32, gradient_checkpointing=False, attn_implementation="sdpa")
+    assert estimate_memory(model, **settings).phases == estimate_memory(exported, **settings).phases
+
+
+# ---- a recipe given to estimate --------------------------------------------------------------------------
+
+
+def test_a_recipe_is_estimated_as_it_will_run(tmp_path, capsys):
+    from hfprune.cli import main
+    from hfprune.estimate import estimate_recipe, recipe_settings
+    from hfprune.recipes import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model: {name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct, model_config: smollm2-135m}\n"
+        "lora: {r: 4, lora_dropout: 0.1, target_modules: [q_proj, v_proj, down_proj]}\n"
+        "pruning: {target_sparsity: 0.2, importance: activation_taylor}\n"
+        "data: {max_length: 256}\n"
+        f"training: {{max_steps: 20, per_device_train_batch_size: 2, gradient_checkpointing: false, "
+        f"optim: adamw_bnb_8bit, output_dir: {tmp_path / 'out'}}}\n"
+    )
+    recipe = load_recipe(path, check_device=False)
+    assert recipe_settings(recipe) == {
+        "criterion": "activation_taylor", "load_in_8bit": True, "load_in_4bit": False, "seq_len": 256,
+        "batch_size": 2, "gradient_checkpointing": False, "compute_dtype": "bfloat16", "optimizer": "adamw_8bit",
+        "lora_r": 4, "lora_target_modules": ("q_proj", "v_proj", "down_proj"), "lora_dropout": 0.1,
+    }
+    expected = estimate_recipe(recipe)
+    assert expected.components == estimate_memory(
+        "smollm2-135m", criterion="activation_taylor", seq_len=256, batch_size=2, lora_r=4,
+        lora_target_modules=("q_proj", "v_proj", "down_proj"), lora_dropout=0.1, gradient_checkpointing=False,
+        optimizer="adamw_8bit").components
+    assert main(["estimate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"Peak: **{expected.total_gib:.2f} GiB**" in out and "seq 256 x batch 2, LoRA r=4" in out
+    assert main(["estimate", str(path), "--seq-len", "128", "--load-in-4bit"]) == 0  # flags override the recipe
+    out = capsys.readouterr().out
+    assert "criterion `activation_taylor`, 4-bit base, seq 128 x batch 2" in out
+
+
+def test_the_shipped_65b_recipe_estimates_through_the_cli(capsys):
+    from hfprune.cli import main
+    from hfprune.estimate import estimate_recipe
+    from hfprune.recipes import load_recipe
+
+    path = MODEL_CONFIG_DIR.parent.parent / "recipes" / "llama-65b-20.yaml"
+    expected = estimate_recipe(load_recipe(path, check_device=False))
+    assert expected.settings["lora_dropout"] == 0.05 and expected.settings["load_in_8bit"]
+    assert expected.fits(80e9)  # LoRAPrune's promise: 65B on one 80 GB card in 8-bit
+    assert main(["estimate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "**llama-65b**" in out and f"Peak: **{expected.total_gib:.2f} GiB**" in out
