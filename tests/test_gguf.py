@@ -23,7 +23,7 @@ from hfprune.export import gguf as gguf_export
 from hfprune.export.gguf_tokenizer import PROBE_TEXT, checkpoint_tokenizer, read_gguf_tokenizer
 from hfprune.structure import discover
 
-from .tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
+from .tiny_models import ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
 
 GGML_TYPE_F32 = 0  # llama.cpp's ggml_type for an f32 KV cache
 SMOLLM2_VOCAB = 49152
@@ -353,6 +353,25 @@ def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model_type='gpt2': the GGUF export supports \['gemma2'"):
         export_gguf(tmp_path / "notes", tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("arch, overrides, message", [
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64,
+                                    "rope_theta": 10000.0}),
+     r"rope_type='yarn': the GGUF export writes default, linear, llama3 rotary embeddings"),
+    ("qwen3", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 32, "rope_theta": 10000.0}),
+     r"rope_type='llama3': .*default, linear rotary embeddings for llama.cpp's qwen3"),
+    ("llama", dict(hidden_act="gelu"), r"hidden_act='gelu': llama.cpp's llama architecture computes 'silu' only"),
+    ("gemma2", dict(tie_word_embeddings=False), r"tie_word_embeddings=False: llama.cpp's gemma2 architecture always"),
+    # 46 layers is llama.cpp's Gemma 2 27B, whose attention scale it derives from hidden_size / heads (64 / 2)
+    ("gemma2", dict(num_hidden_layers=46, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True),
+     r"query_pre_attn_scalar=16: llama.cpp's gemma2 architecture scales attention by 1/sqrt\(32\)"),
+])
+def test_settings_llama_cpp_would_compute_differently_are_refused(arch, overrides, message):
+    config = tiny_config(arch, **overrides).to_dict()
+    with pytest.raises(ValueError, match=message):
+        gguf_export.gguf_layout(config)
 
 
 def test_a_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path, tiny_checkpoint):

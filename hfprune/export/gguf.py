@@ -180,7 +180,9 @@ def gguf_layout(config: dict) -> GgufLayout:
     if family == "gemma2" and not config.get("tie_word_embeddings", True):
         raise ValueError("tie_word_embeddings=False: llama.cpp's gemma2 architecture always uses the token "
                          "embedding as the output layer, so a separate lm_head cannot be expressed")
-    return GgufLayout(family, arch, layers, head_dim, hidden)
+    layout = GgufLayout(family, arch, layers, head_dim, hidden)
+    _check_rope(layout, config)
+    return layout
 
 
 def _describe(layers: list[LayerWidths]) -> str:
@@ -421,7 +423,6 @@ def export_gguf(
         raise ValueError(f"checkpoint_dir={str(checkpoint)!r} has no config.json: it is not a model checkpoint")
     config = read_config(checkpoint)
     layout = gguf_layout(config)
-    _check_rope(layout, config)
     validate_checkpoint_shapes(checkpoint)
     shapes = read_shapes(checkpoint)
     tensors = plan_tensors(layout, config, shapes, matrix_type)
