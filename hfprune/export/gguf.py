@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -53,6 +51,7 @@ from gguf import (
 )
 from safetensors import safe_open
 
+from ..atomic import atomic_file
 from .gguf_tokenizer import TokenizerMetadata, checkpoint_tokenizer, read_gguf_tokenizer
 from .safety import check_no_pickles, config_layer_widths, read_shapes, safetensors_files, validate_checkpoint_shapes
 
@@ -439,7 +438,7 @@ def export_gguf(
                 checkpoint, layout.arch_name, outtype, len(tensors), tokenizer.source)
 
     sources = {name: file for file in safetensors_files(checkpoint) for name in _tensor_names(file)}
-    with _atomic_file(output, overwrite) as tmp:
+    with atomic_file(output) as tmp:
         writer = GGUFWriter(tmp, layout.arch_name)
         _write_hyperparameters(writer, layout, config, n_vocab, file_type, checkpoint.resolve().name)
         tokenizer.write_to(writer)
@@ -457,6 +456,7 @@ def export_gguf(
         finally:
             handles.clear()
             writer.close()
+        _check_output(output, overwrite)  # nobody created it meanwhile
     return output
 
 
@@ -497,27 +497,3 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise IsADirectoryError(f"output_file={str(output)!r} is a directory; give the path of the .gguf file")
     if output.exists() and not overwrite:
         raise FileExistsError(f"output_file={str(output)!r} exists; pass overwrite=True (--overwrite) to replace it")
-
-
-class _atomic_file:
-    """A temporary path beside `output`; renamed onto it on success, removed on any error."""
-
-    def __init__(self, output: Path, overwrite: bool):
-        self.output, self.overwrite = output, overwrite
-
-    def __enter__(self) -> Path:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent)
-        os.close(handle)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        try:
-            if error_type is None:
-                _check_output(self.output, self.overwrite)  # nobody created it meanwhile
-                os.chmod(self.tmp, 0o644)
-                os.replace(self.tmp, self.output)
-        finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
