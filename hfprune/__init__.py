@@ -32,6 +32,7 @@ _EXPORTS = {
     "get_importance": "importance",
     "register_importance": "importance",
     "save_pruned": "export",
+    "export_gguf": "export",
     "DistillationConfig": "distill",
 }
 
@@ -59,7 +60,7 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover
     from .callback import PruningCallback
     from .config import PruningConfig
-    from .export import save_pruned
+    from .export import export_gguf, save_pruned
     from .importance import ImportanceCriterion, available_importances, get_importance, register_importance
     from .masking import LayerMask, MaskHooks, PruningMasks, apply_masks
     from .prune import prune_model

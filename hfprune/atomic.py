@@ -60,6 +60,22 @@ def save_safetensors_atomic(tensors: dict, path: PathLike, metadata: Optional[di
     return path
 
 
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that wants a file name (e.g. gguf's GGUFWriter);
+    on success it is renamed onto `path`, on any error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def check_output_dir(output_dir: PathLike, overwrite: bool, what: str = "output_dir") -> None:
     """A target directory may be written when it is absent, empty, or `overwrite` is set."""
     output_dir = Path(output_dir)

@@ -1,9 +1,10 @@
-"""The `hfprune` command: prune, plan, eval, push, estimate.
+"""The `hfprune` command: prune, plan, eval, push, export, estimate.
 
     hfprune prune RECIPE.yaml|RECIPE_NAME [section.key=value ...] [--dry-run]
     hfprune plan RECIPE.yaml|RECIPE_NAME|MODEL_CONFIG [section.key=value ...] [--steps N] [--per-layer]
     hfprune eval MODEL --ppl-source FILE ... [--seq-len N] [--max-windows N] [--baseline MODEL] [--speed] [--tasks ...]
     hfprune push DIR REPO_ID [--private] [--token TOKEN]
+    hfprune export CHECKPOINT_DIR --to gguf [--outtype f32|f16|q8_0] [-o FILE] [--overwrite] [--tokenizer-from BASE.gguf]
     hfprune estimate MODEL_OR_CONFIG|RECIPE.yaml [--criterion lora] [--load-in-8bit|--load-in-4bit] [--seq-len N]
 
 Errors are one line on stderr and exit status 2 (`--debug` shows the traceback).
@@ -19,6 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 EXIT_ERROR = 2
+EXPORT_FORMATS = ("gguf",)
 
 _OVERRIDE_HELP = (
     "overrides of recipe keys, dotted and YAML-parsed: pruning.target_sparsity=0.5 training.max_steps=100 "
@@ -147,6 +149,28 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="commit title (default: one naming the sparsity and base model)")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
 
+    export = commands.add_parser(
+        "export",
+        help="convert a checkpoint for an inference engine: GGUF for llama.cpp, Ollama, LM Studio",
+        description=_wrap(
+            "Write a checkpoint (from `hfprune prune` / save_pruned, or a stock one) as one GGUF file. Uniform "
+            "checkpoints become their family's llama.cpp architecture; heterogeneous Llama, Mistral and Qwen2 "
+            "ones become llama.cpp's `deci`, which reads every layer's head and MLP widths. Every check runs "
+            "before the first tensor is read; the file is written to a temporary path and renamed into place."
+        ),
+        formatter_class=_Formatter,
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the safetensors checkpoint directory")
+    export.add_argument("--to", required=True, metavar="FORMAT", help=f"target format: {', '.join(EXPORT_FORMATS)}")
+    export.add_argument("--outtype", default="f16", metavar="TYPE",
+                        help="type of the weight matrices: f32, f16 or q8_0 (norms and vectors stay f32)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="the file to write (default: CHECKPOINT_DIR-OUTTYPE.gguf beside the directory)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.add_argument("--tokenizer-from", metavar="BASE.gguf",
+                        help="reuse the tokenizer metadata of a GGUF of the unpruned model instead of building it "
+                             "from the checkpoint's tokenizer.json")
+
     from .importance import available_importances
 
     estimate = commands.add_parser(
@@ -272,6 +296,18 @@ def _cmd_push(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    if args.to not in EXPORT_FORMATS:
+        raise ValueError(f"--to {args.to!r}: unknown format; available: {', '.join(EXPORT_FORMATS)}")
+    from .export import export_gguf
+
+    output = args.output or f"{os.path.normpath(args.checkpoint)}-{args.outtype}.gguf"
+    path = export_gguf(args.checkpoint, output, outtype=args.outtype, tokenizer_from=args.tokenizer_from,
+                       overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _cmd_estimate(args) -> int:
     from .estimate import (
         compare_criteria, comparison_markdown, estimate_memory, model_shapes, recipe_model_source, recipe_settings,
@@ -314,7 +350,8 @@ def _cmd_estimate(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "plan": _cmd_plan, "eval": _cmd_eval, "push": _cmd_push, "estimate": _cmd_estimate}
+COMMANDS = {"prune": _cmd_prune, "plan": _cmd_plan, "eval": _cmd_eval, "push": _cmd_push, "export": _cmd_export,
+            "estimate": _cmd_estimate}
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
@@ -370,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse prints them)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_ERROR
-    if args.command in ("prune", "plan"):
+    if args.command in ("prune", "plan", "export"):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("hfprune").setLevel(logging.INFO)
     try:

@@ -79,6 +79,7 @@ OPTIONS = {
     "push": ["DIR", "REPO_ID", "--private", "--token", "--revision", "--commit-message", "--create-pr"],
     "estimate": ["MODEL_OR_CONFIG", "--criterion", "--load-in-8bit", "--seq-len", "--batch", "--lora-r",
                  "--no-gradient-checkpointing", "--gpu-gb"],
+    "export": ["CHECKPOINT_DIR", "--to", "--outtype", "--output", "--overwrite", "--tokenizer-from"],
 }
 
 

@@ -6,6 +6,9 @@
 Uniformly pruned models get a stock config; heterogeneous ones an `hfprune_<family>` config
 with `per_layer_config`, and the loading code shipped beside the weights.
 
+    from hfprune.export import export_gguf
+    export_gguf("out/pruned", "out/pruned.gguf", outtype="q8_0")     # for llama.cpp / Ollama / LM Studio
+
 Names are imported on first use, so `hfprune.export.registration` can be imported at
 `import hfprune` without pulling in torch or transformers.
 """
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "save_pruned": "save",
+    "export_gguf": "gguf",
     "build_export_config": "config",
     "register_auto_classes": "registration",
     "PickleCheckpointError": "safety",
@@ -41,6 +45,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import build_export_config
+    from .gguf import export_gguf
     from .registration import register_auto_classes
     from .safety import PickleCheckpointError, check_no_pickles, validate_checkpoint_shapes
     from .save import save_pruned
