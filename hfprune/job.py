@@ -17,7 +17,6 @@ not a model load.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import time
@@ -27,9 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .atomic import write_text_atomic
 from .recipes import Recipe
-from .report import REPORT_FILE
+from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 
@@ -317,28 +315,19 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     clock = time.perf_counter()
     export_dir = Path(recipe.export.output_dir)
     log(f"[3/5] exporting to {export_dir}")
-    from .export import save_pruned
-
-    report = trainer.pruning_report()
-    report["datasets"] = [
-        {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
-        for source in recipe.data.train
-    ]
-    report["recipe"] = recipe_record(recipe)
-    uniform = recipe.export.uniform
-    if uniform is None and recipe.pruning.uniform:
-        uniform = True
-    save_pruned(
-        trainer.model,
-        export_dir,
-        masks=trainer.pruning_callback.removal_masks,
-        original_checkpoint=trainer.original_checkpoint,
-        tokenizer=inputs.tokenizer,
-        report=report,
+    trainer.report_metadata = {
+        "datasets": [
+            {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
+            for source in recipe.data.train
+        ],
+        "recipe": recipe_record(recipe),
+    }
+    trainer.save_model(
+        str(export_dir),
         dtype=recipe.export.dtype,
-        overwrite=recipe.export.overwrite,
         max_shard_size=recipe.export.max_shard_size,
-        uniform=uniform,
+        uniform=recipe.export.uniform,
+        overwrite=recipe.export.overwrite,
     )
     timings["export"] = time.perf_counter() - clock
     original = trainer.original_checkpoint or inputs.model_path
@@ -355,7 +344,9 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         clock = time.perf_counter()
         log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
         evaluation = evaluate_checkpoint(recipe, export_dir, original, log)
-        store_evaluation(export_dir, evaluation)
+        from .model_card import record_evaluation
+
+        record_evaluation(export_dir, evaluation)
         timings["evaluate"] = time.perf_counter() - clock
     else:
         log("[4/5] no eval section: evaluation skipped")
@@ -374,13 +365,13 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
     else:
         log("[5/5] no hub section: not pushed")
 
-    saved = json.loads((export_dir / REPORT_FILE).read_text(encoding="utf-8"))
+    saved = PruningReport.from_dir(export_dir)
     summary = {
         "recipe": recipe.name,
         "output_dir": str(export_dir),
-        "format": saved.get("format"),
-        "parameters": saved.get("parameters"),
-        "reached": saved.get("reached"),
+        "format": saved.format,
+        "parameters": saved.parameters,
+        "reached": saved.reached,
         "target_sparsity": recipe.pruning.target_sparsity,
         "train": train_summary,
         "evaluation": evaluation.to_dict() if evaluation is not None else None,
@@ -452,26 +443,6 @@ def recipe_record(recipe: Recipe) -> dict:
         return value
 
     return {"name": recipe.name, "file": str(recipe.path) if recipe.path else None, "settings": clean(recipe.raw)}
-
-
-def store_evaluation(export_dir, evaluation) -> None:
-    """Put the evaluation into the checkpoint's pruning_report.json (atomically)."""
-    path = Path(export_dir) / REPORT_FILE
-    report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    report["evaluation"] = evaluation.to_dict()
-    write_text_atomic(path, compact_json(report) + "\n")
-
-
-def compact_json(value, indent: int = 0) -> str:
-    """JSON with mappings indented and lists of plain values on one line (long index lists stay readable)."""
-    pad = "  " * indent
-    if isinstance(value, dict) and value:
-        items = [f"{pad}  {json.dumps(str(k))}: {compact_json(v, indent + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
-        items = [f"{pad}  {compact_json(v, indent + 1)}" for v in value]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    return json.dumps(value if not isinstance(value, tuple) else list(value), default=str)
 
 
 def summary_text(summary: dict, evaluation=None) -> str:
