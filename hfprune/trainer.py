@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from .adapters import default_lora_config
@@ -133,6 +134,7 @@ class PruningTrainer(Trainer):
                 "cannot have: load the model in bf16/fp32, or use importance='lora'"
             )
         args = args or TrainingArguments(output_dir="hfprune-output")
+        set_seed(args.seed)  # as Trainer.__init__ does, but before the LoRA weights are drawn: same seed, same run
         self.pruning_callback = PruningCallback(self.pruning_config)
         self.pruning_callback.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         model = self._prepare_peft_model(model, peft_config, args)
