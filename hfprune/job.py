@@ -1,14 +1,14 @@
-"""`run_recipe`: a recipe, end to end -- check, train and prune, export, evaluate, push.
+"""`run_recipe`: a recipe, end to end, in five steps, each one function called in this order:
 
-    check everything that can be checked without the model      prepare_job()
-      recipe (already validated), output directories, hub token, evaluation sources,
-      the tokenizer, every data source and its fields (tokenised here), and the plan
-      on the meta device: feasibility, schedule, export format
-    load the model, PruningTrainer(...).train()                   progressive pruning + recovery
-    save_pruned(...)                                              the checkpoint (export.*)
-    evaluate dense vs pruned, one model in memory at a time       recipe.eval
-    write the evaluation into the checkpoint's pruning_report.json
-    push_pruned(...)                                              recipe.hub
+    check(recipe)              everything that needs no model weights: output directories, hub token,
+                               evaluation sources, the tokenizer, every data source and its fields
+                               (tokenised here), the plan on the meta device (feasibility, schedule,
+                               export format)
+    train(recipe, inputs)      load the model, PruningTrainer(...).train(): progressive pruning + recovery
+    export(recipe, trained)    trainer.save_model(...): the checkpoint, exactly as the Python API writes it
+    evaluate(recipe, ...)      dense vs pruned, one model in memory at a time, recorded in the checkpoint's
+                               pruning_report.json and model card                            (recipe.eval)
+    push(recipe, export_dir)   push_pruned(...)                                               (recipe.hub)
 
 Nothing expensive happens before every cheap check has passed, so a typo costs seconds,
 not a model load.
@@ -16,6 +16,7 @@ not a model load.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -40,7 +41,7 @@ def _print(message: str) -> None:
 
 @dataclass
 class JobInputs:
-    """What `prepare_job` checked and built: everything the run needs but the model."""
+    """What `check` checked and built: everything the run needs but the model."""
 
     model_path: str
     tokenizer: Any
@@ -200,8 +201,8 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
     return mixed, formats
 
 
-def prepare_job(recipe: Recipe, log: Log = _print) -> JobInputs:
-    """Every check that needs no model weights; raises before anything expensive happens."""
+def check(recipe: Recipe, log: Log = _print) -> JobInputs:
+    """Step 1: every check that needs no model weights; raises before anything expensive happens."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .offline import resolve_model
@@ -268,22 +269,84 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
 
     dry_run=True stops after the checks and the plan (nothing is loaded or written).
     """
-    from transformers.trainer_utils import set_seed
-
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
     log(f"[1/5] checking recipe {recipe.name}")
-    inputs = prepare_job(recipe, log)
-    timings["checks"] = time.perf_counter() - clock
+    with _timed(timings, "checks"):
+        inputs = check(recipe, log)
     if dry_run:
         log(inputs.plan.to_text())
         return {"recipe": recipe.name, "dry_run": True, "plan": inputs.plan.to_dict(),
                 "total_steps": inputs.total_steps}
+    log(f"[2/5] loading {recipe.model.name_or_path} and training ({inputs.total_steps} optimizer steps)")
+    with _timed(timings, "train"):
+        trained = train(recipe, inputs)
+    if trained.trainer is None:  # another DDP rank: rank 0 exports, evaluates and pushes
+        return {"recipe": recipe.name, "rank": recipe.training.process_index}
+    export_dir = Path(recipe.export.output_dir)
+    log(f"[3/5] exporting to {export_dir}")
+    with _timed(timings, "export"):
+        export(recipe, trained, export_dir)
+    trained.release()  # one model in memory at a time: the evaluation loads fresh ones
+
+    evaluation = None
+    if recipe.eval:
+        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
+        with _timed(timings, "evaluate"):
+            evaluation = evaluate(recipe, export_dir, trained.dense_path, log)
+    else:
+        log("[4/5] no eval section: evaluation skipped")
+
+    hub_url = None
+    if recipe.hub:
+        log(f"[5/5] pushing to {recipe.hub.repo_id}")
+        with _timed(timings, "push"):
+            hub_url = push(recipe, export_dir)
+    else:
+        log("[5/5] no hub section: not pushed")
+
+    saved = PruningReport.from_dir(export_dir)
+    summary = {
+        "recipe": recipe.name,
+        "output_dir": str(export_dir),
+        "format": saved.format,
+        "parameters": saved.parameters,
+        "reached": saved.reached,
+        "target_sparsity": recipe.pruning.target_sparsity,
+        "train": trained.summary,
+        "evaluation": evaluation.to_dict() if evaluation is not None else None,
+        "hub_url": hub_url,
+        "timings": timings,
+    }
+    log(summary_text(summary, evaluation))
+    return summary
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str):
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+@dataclass
+class TrainedRun:
+    """What `train` leaves for the later steps. `trainer` is None on ranks other than the main one."""
+
+    trainer: Any
+    dense_path: str  # the unpruned model, for the dense side of the evaluation
+    summary: dict
+
+    def release(self) -> None:
+        self.trainer = None
+        _release_memory()
+
+
+def train(recipe: Recipe, inputs: JobInputs) -> TrainedRun:
+    """Step 2: load the model and run PruningTrainer: progressive pruning, physical removal, recovery."""
+    from transformers.trainer_utils import set_seed
 
     from .trainer import PruningTrainer
 
-    clock = time.perf_counter()
-    log(f"[2/5] loading {recipe.model.name_or_path} and training ({inputs.total_steps} optimizer steps)")
     set_seed(recipe.training.seed)
     model = recipe.model
     init_kwargs = {"dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
@@ -308,13 +371,19 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         distillation=recipe.distillation,
     )
     result = trainer.train(resume_from_checkpoint=inputs.resume_from_checkpoint)
-    timings["train"] = time.perf_counter() - clock
-    if not trainer.is_world_process_zero():
-        return {"recipe": recipe.name, "rank": recipe.training.process_index}
+    summary = {
+        "global_step": trainer.state.global_step,
+        "training_loss": getattr(result, "training_loss", None),
+        "runtime_s": (result.metrics or {}).get("train_runtime") if result is not None else None,
+    }
+    dense_path = trainer.original_checkpoint or inputs.model_path
+    return TrainedRun(trainer if trainer.is_world_process_zero() else None, dense_path, summary)
 
-    clock = time.perf_counter()
-    export_dir = Path(recipe.export.output_dir)
-    log(f"[3/5] exporting to {export_dir}")
+
+def export(recipe: Recipe, trained: TrainedRun, export_dir: Path) -> Path:
+    """Step 3: `PruningTrainer.save_model`, the Python API's export, with what only the recipe knows
+    (its data sources, the recipe itself) added to the report."""
+    trainer = trained.trainer
     trainer.report_metadata = {
         "datasets": [
             {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
@@ -322,64 +391,32 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         ],
         "recipe": recipe_record(recipe),
     }
-    trainer.save_model(
+    return trainer.save_model(
         str(export_dir),
         dtype=recipe.export.dtype,
         max_shard_size=recipe.export.max_shard_size,
         uniform=recipe.export.uniform,
         overwrite=recipe.export.overwrite,
     )
-    timings["export"] = time.perf_counter() - clock
-    original = trainer.original_checkpoint or inputs.model_path
-    train_summary = {
-        "global_step": trainer.state.global_step,
-        "training_loss": getattr(result, "training_loss", None),
-        "runtime_s": (result.metrics or {}).get("train_runtime") if result is not None else None,
-    }
-    del trainer, result  # one model in memory at a time: the evaluation loads fresh ones
-    _release_memory()
 
-    evaluation = None
-    if recipe.eval:
-        clock = time.perf_counter()
-        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
-        evaluation = evaluate_checkpoint(recipe, export_dir, original, log)
-        from .model_card import record_evaluation
 
-        record_evaluation(export_dir, evaluation)
-        timings["evaluate"] = time.perf_counter() - clock
-    else:
-        log("[4/5] no eval section: evaluation skipped")
+def evaluate(recipe: Recipe, export_dir: Path, dense_path, log: Log = _print):
+    """Step 4: measure the checkpoint (and the dense model), then record the results in its report and card."""
+    from .model_card import record_evaluation
 
-    hub_url = None
-    if recipe.hub:
-        clock = time.perf_counter()
-        log(f"[5/5] pushing to {recipe.hub.repo_id}")
-        from .hub import push_pruned
+    evaluation = evaluate_checkpoint(recipe, export_dir, dense_path, log)
+    record_evaluation(export_dir, evaluation)
+    return evaluation
 
-        env = recipe.hub.token_env
-        hub_url = push_pruned(export_dir, recipe.hub.repo_id, token=os.environ.get(env) if env else None,
-                              private=recipe.hub.private)
-        hub_url = str(hub_url) if hub_url is not None else None
-        timings["push"] = time.perf_counter() - clock
-    else:
-        log("[5/5] no hub section: not pushed")
 
-    saved = PruningReport.from_dir(export_dir)
-    summary = {
-        "recipe": recipe.name,
-        "output_dir": str(export_dir),
-        "format": saved.format,
-        "parameters": saved.parameters,
-        "reached": saved.reached,
-        "target_sparsity": recipe.pruning.target_sparsity,
-        "train": train_summary,
-        "evaluation": evaluation.to_dict() if evaluation is not None else None,
-        "hub_url": hub_url,
-        "timings": timings,
-    }
-    log(summary_text(summary, evaluation))
-    return summary
+def push(recipe: Recipe, export_dir: Path) -> Optional[str]:
+    """Step 5: upload the checkpoint with its card in one commit; returns the commit URL."""
+    from .hub import push_pruned
+
+    env = recipe.hub.token_env
+    commit = push_pruned(export_dir, recipe.hub.repo_id, token=os.environ.get(env) if env else None,
+                         private=recipe.hub.private)
+    return str(commit) if commit is not None else None
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
