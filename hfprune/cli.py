@@ -284,18 +284,22 @@ def _cmd_eval(args) -> int:
     print(report.to_markdown())
     if args.output:
         print(f"report written to {args.output}")
-    if not args.no_record and _is_hfprune_checkpoint(args.model):
+    report_file = _own_report_file(args.model)
+    if report_file is not None and not args.no_record:
         from .model_card import record_evaluation
 
         record_evaluation(args.model, report)
-        print(f"results recorded in {os.path.join(args.model, 'pruning_report.json')} and its model card")
+        print(f"results recorded in {report_file} and its model card")
     return 0
 
 
-def _is_hfprune_checkpoint(path: str) -> bool:
+def _own_report_file(path: str) -> Optional[str]:
+    """pruning_report.json of a local hfprune checkpoint; None for a hub id, another checkpoint, or a
+    snapshot in the Hugging Face cache (its files are links into the cache, not the user's to rewrite)."""
     from .report import REPORT_FILE
 
-    return os.path.isfile(os.path.join(path, REPORT_FILE))
+    report = os.path.join(path, REPORT_FILE)
+    return report if os.path.isfile(report) and not os.path.islink(report) else None
 
 
 def _cmd_push(args) -> int:

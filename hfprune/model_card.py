@@ -15,8 +15,9 @@ the report does not hold is left out, never guessed. The body is the Jinja templ
 Metadata: `base_model` (the unpruned model's hub id) with `base_model_relation: finetune`
 (the Hub knows adapter, merge, quantized and finetune; a pruned and recovery-trained model
 has new weights of the base's lineage, which is "finetune"), `library_name: transformers`,
-`pipeline_tag: text-generation`, tags, datasets, the base's license and language when its
-card is on disk, and a `model-index` with the pruned model's measured metrics.
+`pipeline_tag: text-generation`, tags, datasets, the base's license and language from its
+card (a local base's, or the hub's: cached, else fetched unless HF_HUB_OFFLINE is set), and a
+`model-index` with the pruned model's measured metrics.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _first(*values: Any) -> Any:
+    """The first known value: a report writes null for what its run did not know."""
+    return next((value for value in values if value is not None), None)
+
+
 def _number(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -124,20 +130,14 @@ def resolve_base_model(report: dict, config: dict) -> tuple[Optional[str], Optio
     return None, (Path(local.rstrip("/\\")).name or local) if local else None
 
 
-def _base_card_data(base_model: Optional[str], base_path: Any) -> dict:
-    """License and language of the base model's card, read from disk only (no network)."""
+def _base_card_data(base_model: Optional[str], base_path: Any, revision: Optional[str] = None) -> dict:
+    """License and language of the base model's card: a local base's README.md, else the hub's (from the
+    cache, else downloaded unless HF_HUB_OFFLINE is set; from_pretrained never fetches it)."""
     card_file = None
     if isinstance(base_path, str) and Path(base_path, CARD_FILE).is_file():
         card_file = Path(base_path, CARD_FILE)
     elif base_model:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(base_model, CARD_FILE)
-        except Exception:  # a malformed id, an unreadable cache: the card just has no license
-            cached = None
-        if isinstance(cached, str):
-            card_file = Path(cached)
+        card_file = _hub_card_file(base_model, revision)
     if card_file is None:
         return {}
     try:
@@ -147,6 +147,21 @@ def _base_card_data(base_model: Optional[str], base_path: Any) -> dict:
         return {}
     return {k: getattr(data, k, None) for k in ("license", "license_name", "license_link", "language")
             if getattr(data, k, None)}
+
+
+def _hub_card_file(repo_id: str, revision: Optional[str]) -> Optional[Path]:
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, CARD_FILE, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is not None or constants.HF_HUB_OFFLINE:  # known to be absent, or no network to ask
+            return None
+        return Path(hf_hub_download(repo_id, CARD_FILE, revision=revision))
+    except Exception as error:  # no card, no network, a malformed id: the card just names no licence
+        logger.info("no model card of %s: %s", repo_id, error)
+        return None
 
 
 # ---- per-layer widths ------------------------------------------------------------------------------------
@@ -303,7 +318,7 @@ def build_model_card(
     base_model, base_name = resolve_base_model(report, config)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else checkpoint_dir.resolve().name)
     criterion = report.get("criterion") or _dict(report.get("pruning_config")).get("importance")
-    inherited = _base_card_data(base_model, report.get("base_model"))
+    inherited = _base_card_data(base_model, report.get("base_model"), report.get("base_model_revision"))
     hub_datasets = [name for name in _dataset_names(report) if hub_id(name)]
 
     tags = list(TAGS)
@@ -475,7 +490,7 @@ def _removal_rows(report: dict, pruning_config: dict, criterion: Any,
     if isinstance(criterion, str) and criterion:
         description = CRITERION_DESCRIPTIONS.get(criterion)
         rows.append(("criterion", f"`{criterion}`" + (f" — {description}" if description else "")))
-    target = _number(report.get("target_sparsity", pruning_config.get("target_sparsity")))
+    target = _number(_first(report.get("target_sparsity"), pruning_config.get("target_sparsity")))
     if target is not None:
         rows.append(("target sparsity (of prunable parameters)", _percent(target)))
     reached = _dict(report.get("reached"))
@@ -542,7 +557,7 @@ def _schedule_prose(report: dict, pruning_config: dict) -> Optional[str]:
     if not isinstance(schedule, str):
         return None
     parts = [schedule]
-    steps = _int(report.get("pruning_steps", pruning_config.get("pruning_steps")))
+    steps = _int(_first(report.get("pruning_steps"), pruning_config.get("pruning_steps")))
     if steps:
         parts.append(f"over {steps:,} optimizer steps")
     every = _int(pruning_config.get("prune_every"))
@@ -668,7 +683,7 @@ def _metrics(evaluation: dict, base_model: Optional[str], model_name: str) -> di
         return empty
     settings = _dict(evaluation.get("settings"))
     public_settings = {key: value for key, value in settings.items()
-                       if not isinstance(value, (dict, list)) and key not in _LOCAL_SETTINGS}
+                       if value is not None and not isinstance(value, (dict, list)) and key not in _LOCAL_SETTINGS}
     speedups = [(label, f"{value:.2f}x") for label, key in (("prefill speed-up", "prefill_speedup"),
                                                           ("decode speed-up", "decode_speedup"))
                 if (value := _number(evaluation.get(key))) is not None]

@@ -116,7 +116,7 @@ class PruningReport:
         if other is None:
             return self
         given = other.to_dict() if isinstance(other, PruningReport) else dict(other)
-        merged = _merge(self.to_dict(), {k: v for k, v in given.items() if v is not None})
+        merged = _merge(self.to_dict(), given)
         updated = PruningReport.from_dict(merged)
         for f in fields(self):
             setattr(self, f.name, getattr(updated, f.name))
@@ -126,6 +126,8 @@ class PruningReport:
 def _merge(base: dict, given: dict) -> dict:
     merged = dict(base)
     for key, value in given.items():
+        if value is None:
+            continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:

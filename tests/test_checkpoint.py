@@ -252,6 +252,20 @@ def test_card_of_an_evaluated_export_shows_its_perplexity(tmp_path, capsys):
     assert (out / CARD_FILE).read_text() == "# my card\n" and _report(out)["evaluation"]["settings"]["seq_len"] == 32
 
 
+def test_card_names_the_licence_of_a_hub_base(tmp_path, local_hub):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    repo = HfApi().create_repo("tiny-base").repo_id
+    HfApi().upload_file(path_or_fileobj=b"---\nlicense: apache-2.0\n---\n# base\n", path_in_repo=CARD_FILE,
+                        repo_id=repo)
+    model = _channels_only()
+    model.config._name_or_path = repo  # as from_pretrained(repo) leaves it; from_pretrained never fetches the card
+    out = save_pruned(model, tmp_path / "model")
+    card = (out / CARD_FILE).read_text()
+    assert "license: apache-2.0" in card and f"`apache-2.0`: the licence of [`{repo}`]" in card
+    assert _report(out)["base_model"] == repo
+
+
 # ---- loading as the card says, without a terminal ----------------------------------------------------------------
 
 
