@@ -13,6 +13,14 @@ One optimizer step, as the stock training loop runs it:
 Everything it owns (EMA scores, masks, the schedule position, whether and how
 the weights were sliced) is written beside every Trainer checkpoint as
 `pruning_state.safetensors` and read back on `resume_from_checkpoint`.
+
+After training, `save_pruned(trainer, output_dir)` writes the pruned checkpoint (the
+same one `PruningTrainer.save_model` writes). A plain `trainer.save_model()` /
+`model.save_pretrained()` of the sliced model would write weights that no config
+describes (and a PeftModel's adapter for the unpruned base): once the weights are
+sliced and training has ended, the model's `save_pretrained` refuses, naming
+`save_pruned`. The refusal is an attribute on the model instance, removed when
+training starts again (checkpoints during training keep the Trainer's format).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -33,14 +42,29 @@ from .compensator import CompensationRecord, make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import MaskHooks, PruningMasks
 from .removal import record_removal
+from .report import REPORT_FILE, PruningReport
 from .schedule import PruningSchedule
 from .sparsity import SparsityReport, count_parameters, removed_params
-from .structure import ModelStructure, discover_for_config
+from .structure import ModelStructure, discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pruning_state.safetensors"
+EXPORT_SUBDIR = "pruned"  # the pruned checkpoint goes to <args.output_dir>/pruned by default
+
+
+class PlainSaveRefused:
+    """Stands in for `save_pretrained` on a model whose weights PruningCallback sliced (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            "this model was pruned by PruningCallback: its weights are sliced, but its config (and a PeftModel's "
+            "adapter_config) still describe the unpruned base, so save_pretrained / Trainer.save_model() would "
+            "write a checkpoint that nothing can load. Write the pruned checkpoint (LoRA merged, tokenizer, "
+            "pruning_report.json, model card) with `callback.save_pruned(trainer, output_dir)`; PruningTrainer "
+            "users call `trainer.save_model(output_dir)`"
+        )
 
 
 class PruningCallback(TrainerCallback):
@@ -64,6 +88,10 @@ class PruningCallback(TrainerCallback):
         self.history: list[dict] = []
         self.pending_logs: dict[str, float] = {}
         self.resume_dir: Optional[str] = None  # set by PruningTrainer when resuming from an explicit path
+        # The unpruned checkpoint the export re-reads frozen weights from (default: the model config's name_or_path).
+        self.original_checkpoint: Optional[str] = None
+        # Fields for pruning_report.json that only the caller knows, e.g. {"datasets": ["tatsu-lab/alpaca"]}.
+        self.report_metadata: dict = {}
         self.allow_physical_removal = True
         self._original_prunable = 0
         self._original_total = 0
@@ -146,7 +174,10 @@ class PruningCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         quiet_int8_cast_warning()
+        self._allow_plain_saves(model)  # training again: the Trainer's checkpoints need save_pretrained
         self._model = model
+        if self.original_checkpoint is None:
+            self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         self.structure = discover_for_config(model, self.config)
         self._original_prunable = self.structure.prunable_params()
         self._original_total = count_parameters(model)
@@ -212,13 +243,15 @@ class PruningCallback(TrainerCallback):
         if self.pending_logs:
             control.should_log = True
 
-    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.structure is not None and not self.physically_pruned and self.masks is not None:
             if state.global_step >= self.schedule.last_step and not self.masks.is_full():
                 self._remove_physically(optimizer, state)
         self._release_criterion()
         if self.hooks is not None:
             self.hooks.remove()
+        if self.physically_pruned:
+            self._refuse_plain_saves(model)
 
     def on_save(self, args, state, control, **kwargs):
         if self.structure is None or not state.is_world_process_zero:
@@ -235,6 +268,97 @@ class PruningCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(self.pending_logs)
             self.pending_logs = {}
+
+    # ---- the pruned checkpoint ---------------------------------------------------------------------------------
+
+    def training_report(self, trainer=None) -> PruningReport:
+        """What this run did, for pruning_report.json: criterion, config, schedule, reached sparsity, history,
+        steps and examples (from `trainer`), and `report_metadata`. Reached sparsity counts what the weights
+        lost, which is what an export writes: masks not yet applied physically are not counted."""
+        state = getattr(trainer, "state", None)
+        dataset = getattr(trainer, "train_dataset", None)
+        reached = None
+        if self._model is not None:
+            removed = self._original_total - count_parameters(self._model)
+            reached = SparsityReport(self._original_prunable, removed, self._original_total).as_dict()
+        report = PruningReport(
+            criterion=self.config.importance,
+            target_sparsity=self.config.target_sparsity,
+            reached=reached,
+            pruning_config=self.config.to_dict(),
+            pruning_steps=self.schedule.total_steps if self.schedule else None,
+            optimizer_steps=state.global_step if state is not None else None,
+            train_examples=len(dataset) if hasattr(dataset, "__len__") else None,
+            history=list(self.history),
+        )
+        return report.update(self.report_metadata)
+
+    def save_pruned(
+        self,
+        trainer,
+        output_dir: Optional[str] = None,
+        *,
+        dtype: Any = None,
+        max_shard_size: Any = "5GB",
+        uniform: Optional[bool] = None,
+        overwrite: Optional[bool] = None,
+    ) -> Optional[Path]:
+        """Write the pruned checkpoint of `trainer` (any Trainer this callback ran in, e.g. trl's SFTTrainer):
+        weights physically pruned with LoRA merged (`hfprune.save_pruned`), tokenizer, the full
+        pruning_report.json and the model card -- exactly what `PruningTrainer.save_model` writes.
+
+        Args:
+            output_dir: default `<args.output_dir>/pruned`.
+            dtype: of the saved weights (default: the original checkpoint's, e.g. bfloat16; see the report).
+            max_shard_size: e.g. "5GB"; larger checkpoints are sharded with an index.
+            uniform: None: a stock config when every layer has the same widths (always with
+                `PruningConfig(uniform=True)`); True: insist; False: the heterogeneous format.
+            overwrite: None replaces an earlier hfprune export there and refuses any other non-empty
+                directory; True replaces whatever is there (atomically); False refuses a non-empty one.
+
+        Returns the checkpoint path (None on processes other than the main one).
+        """
+        if not trainer.is_world_process_zero():
+            return None
+        output_dir = Path(output_dir) if output_dir is not None else Path(trainer.args.output_dir) / EXPORT_SUBDIR
+        if overwrite is None:
+            overwrite = (output_dir / REPORT_FILE).is_file()
+        if uniform is None and self.config.uniform:
+            uniform = True
+        if not self.physically_pruned and self.masks is not None and not self.masks.is_full():
+            logger.warning("the weights were not sliced yet (training stopped before the pruning stage ended): "
+                           "%s gets the unpruned model", output_dir)
+        from .export import save_pruned  # the export sits above the callback: imported when asked for
+
+        return save_pruned(
+            trainer.model,
+            output_dir,
+            masks=self.removal_masks,
+            original_checkpoint=self.original_checkpoint,
+            tokenizer=trainer.processing_class,
+            report=self.training_report(trainer),
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            uniform=uniform,
+        )
+
+    @staticmethod
+    def _models(model) -> list:
+        """The model the Trainer holds and the transformers model inside it (`merge_and_unload()` returns that one)."""
+        if model is None:
+            return []
+        inner = unwrap_model(model)
+        return [model] if inner is model else [model, inner]
+
+    def _refuse_plain_saves(self, model) -> None:
+        for module in self._models(model):
+            module.save_pretrained = PlainSaveRefused()
+
+    def _allow_plain_saves(self, model) -> None:
+        for module in self._models(model):
+            if isinstance(vars(module).get("save_pretrained"), PlainSaveRefused):
+                del module.save_pretrained
 
     # ---- actions ----------------------------------------------------------------------------------------------
 

@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Evaluate MODEL (a checkpoint directory or hub id) and, with --baseline, its dense parent with the "
             "same settings, one model in memory at a time. Perplexity follows LLM-Pruner/LoRAPrune: joined "
-            "text, non-overlapping windows of --seq-len tokens, last partial window dropped."
+            "text, non-overlapping windows of --seq-len tokens, last partial window dropped. When MODEL is a "
+            "checkpoint written by hfprune, the results also go into its pruning_report.json and model card."
         ),
         formatter_class=_Formatter,
     )
@@ -130,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--zero-shot-limit", type=float, metavar="N",
                           help="lm-eval limit per task (count, or fraction if < 1)")
     evaluate.add_argument("--output", metavar="FILE.json", help="write the report as JSON (and a .md table beside it)")
+    evaluate.add_argument("--no-record", action="store_true",
+                          help="when MODEL is a local hfprune checkpoint, do not write the results into its "
+                               "pruning_report.json and model card")
     evaluate.add_argument("--device", help="device (default: cuda if available, else cpu)")
     evaluate.add_argument("--dtype", default="auto", help="dtype to load the models in")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="allow modeling code from the checkpoints")
@@ -280,7 +284,22 @@ def _cmd_eval(args) -> int:
     print(report.to_markdown())
     if args.output:
         print(f"report written to {args.output}")
+    report_file = _own_report_file(args.model)
+    if report_file is not None and not args.no_record:
+        from .model_card import record_evaluation
+
+        record_evaluation(args.model, report)
+        print(f"results recorded in {report_file} and its model card")
     return 0
+
+
+def _own_report_file(path: str) -> Optional[str]:
+    """pruning_report.json of a local hfprune checkpoint; None for a hub id, another checkpoint, or a
+    snapshot in the Hugging Face cache (its files are links into the cache, not the user's to rewrite)."""
+    from .report import REPORT_FILE
+
+    report = os.path.join(path, REPORT_FILE)
+    return report if os.path.isfile(report) and not os.path.islink(report) else None
 
 
 def _cmd_push(args) -> int:

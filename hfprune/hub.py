@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from .model_card import CARD_FILE, CHART_FILE, REPORT_FILE, generated_for, load_report, width_chart, write_model_card
+from .model_card import (
+    CARD_FILE, CHART_FILE, REPORT_FILE, generated_for, load_report, refresh_model_card, width_chart, write_model_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,21 +220,13 @@ def push_pruned(
     return commit
 
 
-# Card metadata that depends on the repo id or the evaluation: recomputed, never carried over.
-_DERIVED_KEYS = ("model-index", "model_name", "eval_results", "metrics")
-
-
 def _ensure_model_card(root: Path, repo_id: str) -> None:
     card = root / CARD_FILE
     written_for = generated_for(card)
     if not card.is_file():
         write_model_card(root, repo_id=repo_id)
     elif written_for is not None and written_for != repo_id:
-        # Rewritten for this repo; metadata a caller added (license, language, tags) is kept.
-        from huggingface_hub import ModelCard
-
-        old = ModelCard.load(card, ignore_metadata_errors=True).data.to_dict()
-        write_model_card(root, repo_id=repo_id, metadata={k: v for k, v in old.items() if k not in _DERIVED_KEYS})
+        refresh_model_card(root, repo_id=repo_id)  # its snippets name this repo; a caller's metadata is kept
     elif f"({CHART_FILE})" in card.read_text(encoding="utf-8", errors="replace") and not (root / CHART_FILE).is_file():
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
         width_chart(load_report(root), root / CHART_FILE, config)

@@ -1,14 +1,14 @@
-"""`run_recipe`: a recipe, end to end -- check, train and prune, export, evaluate, push.
+"""`run_recipe`: a recipe, end to end, in five steps, each one function called in this order:
 
-    check everything that can be checked without the model      prepare_job()
-      recipe (already validated), output directories, hub token, evaluation sources,
-      the tokenizer, every data source and its fields (tokenised here), and the plan
-      on the meta device: feasibility, schedule, export format
-    load the model, PruningTrainer(...).train()                   progressive pruning + recovery
-    save_pruned(...)                                              the checkpoint (export.*)
-    evaluate dense vs pruned, one model in memory at a time       recipe.eval
-    write the evaluation into the checkpoint's pruning_report.json
-    push_pruned(...)                                              recipe.hub
+    check(recipe)              everything that needs no model weights: output directories, hub token,
+                               evaluation sources, the tokenizer, every data source and its fields
+                               (tokenised here), the plan on the meta device (feasibility, schedule,
+                               export format)
+    train(recipe, inputs)      load the model, PruningTrainer(...).train(): progressive pruning + recovery
+    export(recipe, trained)    trainer.save_model(...): the checkpoint, exactly as the Python API writes it
+    evaluate(recipe, ...)      dense vs pruned, one model in memory at a time, recorded in the checkpoint's
+                               pruning_report.json and model card                            (recipe.eval)
+    push(recipe, export_dir)   push_pruned(...)                                               (recipe.hub)
 
 Nothing expensive happens before every cheap check has passed, so a typo costs seconds,
 not a model load.
@@ -16,8 +16,8 @@ not a model load.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import json
 import logging
 import os
 import time
@@ -27,9 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .atomic import write_text_atomic
 from .recipes import Recipe
-from .report import REPORT_FILE
+from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def _print(message: str) -> None:
 
 @dataclass
 class JobInputs:
-    """What `prepare_job` checked and built: everything the run needs but the model."""
+    """What `check` checked and built: everything the run needs but the model."""
 
     model_path: str
     tokenizer: Any
@@ -202,8 +201,8 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
     return mixed, formats
 
 
-def prepare_job(recipe: Recipe, log: Log = _print) -> JobInputs:
-    """Every check that needs no model weights; raises before anything expensive happens."""
+def check(recipe: Recipe, log: Log = _print) -> JobInputs:
+    """Step 1: every check that needs no model weights; raises before anything expensive happens."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .offline import resolve_model
@@ -270,22 +269,84 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
 
     dry_run=True stops after the checks and the plan (nothing is loaded or written).
     """
-    from transformers.trainer_utils import set_seed
-
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
     log(f"[1/5] checking recipe {recipe.name}")
-    inputs = prepare_job(recipe, log)
-    timings["checks"] = time.perf_counter() - clock
+    with _timed(timings, "checks"):
+        inputs = check(recipe, log)
     if dry_run:
         log(inputs.plan.to_text())
         return {"recipe": recipe.name, "dry_run": True, "plan": inputs.plan.to_dict(),
                 "total_steps": inputs.total_steps}
+    log(f"[2/5] loading {recipe.model.name_or_path} and training ({inputs.total_steps} optimizer steps)")
+    with _timed(timings, "train"):
+        trained = train(recipe, inputs)
+    if trained.trainer is None:  # another DDP rank: rank 0 exports, evaluates and pushes
+        return {"recipe": recipe.name, "rank": recipe.training.process_index}
+    export_dir = Path(recipe.export.output_dir)
+    log(f"[3/5] exporting to {export_dir}")
+    with _timed(timings, "export"):
+        export(recipe, trained, export_dir)
+    trained.release()  # one model in memory at a time: the evaluation loads fresh ones
+
+    evaluation = None
+    if recipe.eval:
+        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
+        with _timed(timings, "evaluate"):
+            evaluation = evaluate(recipe, export_dir, trained.dense_path, log)
+    else:
+        log("[4/5] no eval section: evaluation skipped")
+
+    hub_url = None
+    if recipe.hub:
+        log(f"[5/5] pushing to {recipe.hub.repo_id}")
+        with _timed(timings, "push"):
+            hub_url = push(recipe, export_dir)
+    else:
+        log("[5/5] no hub section: not pushed")
+
+    saved = PruningReport.from_dir(export_dir)
+    summary = {
+        "recipe": recipe.name,
+        "output_dir": str(export_dir),
+        "format": saved.format,
+        "parameters": saved.parameters,
+        "reached": saved.reached,
+        "target_sparsity": recipe.pruning.target_sparsity,
+        "train": trained.summary,
+        "evaluation": evaluation.to_dict() if evaluation is not None else None,
+        "hub_url": hub_url,
+        "timings": timings,
+    }
+    log(summary_text(summary, evaluation))
+    return summary
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str):
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+@dataclass
+class TrainedRun:
+    """What `train` leaves for the later steps. `trainer` is None on ranks other than the main one."""
+
+    trainer: Any
+    dense_path: str  # the unpruned model, for the dense side of the evaluation
+    summary: dict
+
+    def release(self) -> None:
+        self.trainer = None
+        _release_memory()
+
+
+def train(recipe: Recipe, inputs: JobInputs) -> TrainedRun:
+    """Step 2: load the model and run PruningTrainer: progressive pruning, physical removal, recovery."""
+    from transformers.trainer_utils import set_seed
 
     from .trainer import PruningTrainer
 
-    clock = time.perf_counter()
-    log(f"[2/5] loading {recipe.model.name_or_path} and training ({inputs.total_steps} optimizer steps)")
     set_seed(recipe.training.seed)
     model = recipe.model
     init_kwargs = {"dtype": model.dtype, "trust_remote_code": model.trust_remote_code}
@@ -310,85 +371,52 @@ def run_recipe(recipe: Recipe, *, dry_run: bool = False, log: Log = _print) -> d
         distillation=recipe.distillation,
     )
     result = trainer.train(resume_from_checkpoint=inputs.resume_from_checkpoint)
-    timings["train"] = time.perf_counter() - clock
-    if not trainer.is_world_process_zero():
-        return {"recipe": recipe.name, "rank": recipe.training.process_index}
-
-    clock = time.perf_counter()
-    export_dir = Path(recipe.export.output_dir)
-    log(f"[3/5] exporting to {export_dir}")
-    from .export import save_pruned
-
-    report = trainer.pruning_report()
-    report["datasets"] = [
-        {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
-        for source in recipe.data.train
-    ]
-    report["recipe"] = recipe_record(recipe)
-    uniform = recipe.export.uniform
-    if uniform is None and recipe.pruning.uniform:
-        uniform = True
-    save_pruned(
-        trainer.model,
-        export_dir,
-        masks=trainer.pruning_callback.removal_masks,
-        original_checkpoint=trainer.original_checkpoint,
-        tokenizer=inputs.tokenizer,
-        report=report,
-        dtype=recipe.export.dtype,
-        overwrite=recipe.export.overwrite,
-        max_shard_size=recipe.export.max_shard_size,
-        uniform=uniform,
-    )
-    timings["export"] = time.perf_counter() - clock
-    original = trainer.original_checkpoint or inputs.model_path
-    train_summary = {
+    summary = {
         "global_step": trainer.state.global_step,
         "training_loss": getattr(result, "training_loss", None),
         "runtime_s": (result.metrics or {}).get("train_runtime") if result is not None else None,
     }
-    del trainer, result  # one model in memory at a time: the evaluation loads fresh ones
-    _release_memory()
+    dense_path = trainer.original_checkpoint or inputs.model_path
+    return TrainedRun(trainer if trainer.is_world_process_zero() else None, dense_path, summary)
 
-    evaluation = None
-    if recipe.eval:
-        clock = time.perf_counter()
-        log("[4/5] evaluating " + ("dense vs pruned" if recipe.eval.dense else "the pruned model"))
-        evaluation = evaluate_checkpoint(recipe, export_dir, original, log)
-        store_evaluation(export_dir, evaluation)
-        timings["evaluate"] = time.perf_counter() - clock
-    else:
-        log("[4/5] no eval section: evaluation skipped")
 
-    hub_url = None
-    if recipe.hub:
-        clock = time.perf_counter()
-        log(f"[5/5] pushing to {recipe.hub.repo_id}")
-        from .hub import push_pruned
-
-        env = recipe.hub.token_env
-        hub_url = push_pruned(export_dir, recipe.hub.repo_id, token=os.environ.get(env) if env else None,
-                              private=recipe.hub.private)
-        hub_url = str(hub_url) if hub_url is not None else None
-        timings["push"] = time.perf_counter() - clock
-    else:
-        log("[5/5] no hub section: not pushed")
-
-    saved = json.loads((export_dir / REPORT_FILE).read_text(encoding="utf-8"))
-    summary = {
-        "recipe": recipe.name,
-        "output_dir": str(export_dir),
-        "format": saved.get("format"),
-        "parameters": saved.get("parameters"),
-        "reached": saved.get("reached"),
-        "target_sparsity": recipe.pruning.target_sparsity,
-        "train": train_summary,
-        "evaluation": evaluation.to_dict() if evaluation is not None else None,
-        "hub_url": hub_url,
-        "timings": timings,
+def export(recipe: Recipe, trained: TrainedRun, export_dir: Path) -> Path:
+    """Step 3: `PruningTrainer.save_model`, the Python API's export, with what only the recipe knows
+    (its data sources, the recipe itself) added to the report."""
+    trainer = trained.trainer
+    trainer.report_metadata = {
+        "datasets": [
+            {"path": source.path, "name": source.name, "split": source.split, "weight": source.weight}
+            for source in recipe.data.train
+        ],
+        "recipe": recipe_record(recipe),
     }
-    log(summary_text(summary, evaluation))
-    return summary
+    return trainer.save_model(
+        str(export_dir),
+        dtype=recipe.export.dtype,
+        max_shard_size=recipe.export.max_shard_size,
+        uniform=recipe.export.uniform,
+        overwrite=recipe.export.overwrite,
+    )
+
+
+def evaluate(recipe: Recipe, export_dir: Path, dense_path, log: Log = _print):
+    """Step 4: measure the checkpoint (and the dense model), then record the results in its report and card."""
+    from .model_card import record_evaluation
+
+    evaluation = evaluate_checkpoint(recipe, export_dir, dense_path, log)
+    record_evaluation(export_dir, evaluation)
+    return evaluation
+
+
+def push(recipe: Recipe, export_dir: Path) -> Optional[str]:
+    """Step 5: upload the checkpoint with its card in one commit; returns the commit URL."""
+    from .hub import push_pruned
+
+    env = recipe.hub.token_env
+    commit = push_pruned(export_dir, recipe.hub.repo_id, token=os.environ.get(env) if env else None,
+                         private=recipe.hub.private)
+    return str(commit) if commit is not None else None
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------
@@ -452,26 +480,6 @@ def recipe_record(recipe: Recipe) -> dict:
         return value
 
     return {"name": recipe.name, "file": str(recipe.path) if recipe.path else None, "settings": clean(recipe.raw)}
-
-
-def store_evaluation(export_dir, evaluation) -> None:
-    """Put the evaluation into the checkpoint's pruning_report.json (atomically)."""
-    path = Path(export_dir) / REPORT_FILE
-    report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    report["evaluation"] = evaluation.to_dict()
-    write_text_atomic(path, compact_json(report) + "\n")
-
-
-def compact_json(value, indent: int = 0) -> str:
-    """JSON with mappings indented and lists of plain values on one line (long index lists stay readable)."""
-    pad = "  " * indent
-    if isinstance(value, dict) and value:
-        items = [f"{pad}  {json.dumps(str(k))}: {compact_json(v, indent + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
-        items = [f"{pad}  {compact_json(v, indent + 1)}" for v in value]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    return json.dumps(value if not isinstance(value, tuple) else list(value), default=str)
 
 
 def summary_text(summary: dict, evaluation=None) -> str:

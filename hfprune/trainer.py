@@ -7,8 +7,9 @@ an instruction data set and a `PruningConfig`; `train()` then runs
     state transplanted)  ->  recovery fine-tuning of the smaller model
 
 entirely through the stock training loop, driven by a `PruningCallback`.
-`save_model()` writes the physically pruned, LoRA-merged, full-precision
-checkpoint; `push_to_hub()` uploads it with a model card.
+`save_model()` writes the physically pruned, LoRA-merged checkpoint (in the
+original checkpoint's dtype unless `dtype=` says otherwise) with its tokenizer,
+pruning_report.json and model card; `push_to_hub()` uploads it.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from .adapters import default_lora_config
-from .callback import PruningCallback
+from .callback import EXPORT_SUBDIR, PruningCallback
 from .config import PruningConfig
 from .data import prepare_dataset
 from .importance import make_criterion
-from .report import REPORT_FILE
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
 
@@ -133,7 +134,9 @@ class PruningTrainer(Trainer):
                 "cannot have: load the model in bf16/fp32, or use importance='lora'"
             )
         args = args or TrainingArguments(output_dir="hfprune-output")
-        self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
+        set_seed(args.seed)  # as Trainer.__init__ does, but before the LoRA weights are drawn: same seed, same run
+        self.pruning_callback = PruningCallback(self.pruning_config)
+        self.pruning_callback.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         model = self._prepare_peft_model(model, peft_config, args)
         if processing_class is not None and getattr(processing_class, "pad_token", "x") is None:
             processing_class.pad_token = processing_class.eos_token
@@ -143,9 +146,6 @@ class PruningTrainer(Trainer):
             eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, train_on_prompt)
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForSeq2Seq(processing_class, padding=True, label_pad_token_id=-100)
-        self.pruning_callback = PruningCallback(self.pruning_config)
-        # Extra fields for pruning_report.json and the model card (e.g. {"datasets": [...]}).
-        self.report_metadata: dict = {}
         callbacks = list(callbacks or []) + [self.pruning_callback]
         super().__init__(
             model=model,
@@ -157,6 +157,20 @@ class PruningTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+
+    @property
+    def original_checkpoint(self) -> Optional[str]:
+        """The unpruned checkpoint (hub id or path) the export re-reads the full-precision weights from."""
+        return self.pruning_callback.original_checkpoint
+
+    @property
+    def report_metadata(self) -> dict:
+        """Fields for pruning_report.json and the card that only the caller knows, e.g. {"datasets": [...]}."""
+        return self.pruning_callback.report_metadata
+
+    @report_metadata.setter
+    def report_metadata(self, value: dict) -> None:
+        self.pruning_callback.report_metadata = dict(value)
 
     def _prepare_peft_model(self, model, peft_config, args):
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -249,29 +263,33 @@ class PruningTrainer(Trainer):
 
     def _export_dir(self) -> str:
         # Not args.output_dir itself: replacing it atomically would delete the run's checkpoints and logs.
-        return os.path.join(self.args.output_dir, "pruned")
+        return os.path.join(self.args.output_dir, EXPORT_SUBDIR)
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
-        """Checkpoints during training keep the Trainer's format (adapters, resumable). A user call
-        writes the physically pruned, LoRA-merged, full-precision checkpoint (`hfprune.save_pruned`)
-        to `output_dir` (default `<args.output_dir>/pruned`). A previous hfprune export there is
-        replaced atomically; any other non-empty directory is refused, never overwritten."""
+    def save_model(
+        self,
+        output_dir: Optional[str] = None,
+        _internal_call: bool = False,
+        *,
+        dtype: Any = None,
+        max_shard_size: Union[int, str] = "5GB",
+        uniform: Optional[bool] = None,
+        overwrite: Optional[bool] = None,
+    ):
+        """The export: the physically pruned, LoRA-merged checkpoint with its tokenizer, pruning_report.json
+        and model card, in `output_dir` (default `<args.output_dir>/pruned`); returns its path.
+
+        Arguments as in `PruningCallback.save_pruned` (which writes it, for any Trainer): `dtype` of the
+        weights (default: the original checkpoint's, e.g. bfloat16 -- not necessarily float32),
+        `max_shard_size`, `uniform` (None: a stock config when possible), `overwrite` (None: an earlier
+        hfprune export is replaced atomically, any other non-empty directory refused). `hfprune prune`
+        calls this, so the CLI and the Python API write the same checkpoint.
+
+        Checkpoints the Trainer saves during training (`_internal_call`) keep its format: adapters and
+        pruning_state.safetensors, resumable."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
-        output_dir = output_dir or self._export_dir()
-        if not self.is_world_process_zero():
-            return None
-        from .export import save_pruned
-
-        previous_export = os.path.exists(os.path.join(output_dir, REPORT_FILE))
-        return save_pruned(
-            self.model,
-            output_dir,
-            masks=self.pruning_callback.removal_masks,
-            original_checkpoint=self.original_checkpoint,
-            tokenizer=self.processing_class,
-            report=self.pruning_report(),
-            overwrite=previous_export,
+        return self.pruning_callback.save_pruned(
+            self, output_dir, dtype=dtype, max_shard_size=max_shard_size, uniform=uniform, overwrite=overwrite
         )
 
     def create_model_card(
@@ -340,20 +358,3 @@ class PruningTrainer(Trainer):
         if blocking:
             return push_pruned(output_dir, repo_id, **push)
         return HfApi(token=token).run_as_future(push_pruned, output_dir, repo_id, **push)
-
-    def pruning_report(self) -> dict:
-        callback = self.pruning_callback
-        report = {
-            "base_model": self.original_checkpoint,
-            "criterion": self.pruning_config.importance,
-            "pruning_config": self.pruning_config.to_dict(),
-            "history": callback.history,
-            "optimizer_steps": self.state.global_step,
-            "pruning_steps": callback.schedule.total_steps if callback.schedule else None,
-            "train_examples": len(self.train_dataset) if self.train_dataset is not None else None,
-            "target_sparsity": self.pruning_config.target_sparsity,
-        }
-        if callback._model is not None:
-            report["reached"] = callback.sparsity().as_dict()
-        report.update(self.report_metadata)
-        return report

@@ -41,6 +41,9 @@ _DROPPED_KEYS = (
     "torch_dtype",
 )
 
+# Training switches these off (gradient checkpointing needs use_cache=False); a checkpoint is for inference.
+_INFERENCE_DEFAULTS = {"use_cache": True}
+
 # What a stock config raises for widths it rejects (transformers 5 validates with @strict).
 _CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
@@ -81,10 +84,11 @@ def _group_layers(widths: list[dict[str, int]]) -> str:
 
 
 def _global_dict(config: PretrainedConfig) -> dict:
-    """The config as a dict of the unpruned (global) values, run-specific keys dropped."""
+    """The config as a dict of the unpruned (global) values, run-specific keys dropped, inference defaults set."""
     d = config.to_dict()
     for key in _DROPPED_KEYS:
         d.pop(key, None)
+    d.update({key: value for key, value in _INFERENCE_DEFAULTS.items() if key in d})
     return d
 
 

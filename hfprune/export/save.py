@@ -7,6 +7,7 @@ What it writes (to a temporary directory beside `output_dir`, renamed into place
     configuration_hfprune.py   } heterogeneous only: the loading code, for
     modeling_hfprune.py        } `from_pretrained(..., trust_remote_code=True)` without hfprune
     generation_config.json, tokenizer files, pruning_report.json
+    README.md + pruned_widths.png  the model card (hfprune.model_card), from the report
 
 Where the weights come from, tensor by tensor:
   * the original checkpoint (when given, and always for an 8-bit base): read shard by shard,
@@ -16,12 +17,13 @@ Where the weights come from, tensor by tensor:
     another model: ValueError);
   * memory: tensors the model may have trained (requires_grad, peft `modules_to_save` copies),
     and everything when no original checkpoint is used.
-Weights are merged in the checkpoint's dtype (`dtype`, else the original's, else config.dtype).
+Weights are merged in the checkpoint's dtype (`dtype`, else the original's, else config.dtype): the
+original's dtype, not necessarily float32 (SmolLM2 and most hub models are bf16). config.json gets
+inference defaults (`use_cache: true`), whatever the training run set.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -33,7 +35,8 @@ from torch import nn
 
 from ..atomic import atomic_directory, check_output_dir
 from ..masking import PruningMasks
-from ..report import REPORT_FILE
+from .._version import __version__
+from ..report import PruningReport
 from ..structure import ModelStructure, discover, unwrap_model
 from .config import REMOTE_CODE_FILES, ExportConfig, build_export_config
 from .merge import ModelTensor, is_merged_in_memory, lora_delta, merged_tensor, model_tensors
@@ -54,11 +57,12 @@ def save_pruned(
     masks: Optional[PruningMasks] = None,
     original_checkpoint: Optional[Union[str, Path]] = None,
     tokenizer: Any = None,
-    report: Optional[dict] = None,
+    report: Union[PruningReport, dict, None] = None,
     dtype: Optional[Union[torch.dtype, str]] = None,
     overwrite: bool = False,
     max_shard_size: Union[int, str] = "5GB",
     uniform: Optional[bool] = None,
+    model_card: bool = True,
 ) -> Path:
     """Write `model` (physically pruned; a PeftModel with LoRA, possibly on an 8-bit base, or a
     PreTrainedModel) as a dense safetensors checkpoint with LoRA merged, and return its path.
@@ -70,14 +74,17 @@ def save_pruned(
             Frozen weights are re-read from it (streaming, shard by shard). Required for an
             8-bit base (default: `config.name_or_path`); LoRA is never merged into int8 values.
         tokenizer: saved with `save_pretrained` next to the weights.
-        report: merged into `pruning_report.json` (its values win over the computed ones).
+        report: what the caller knows about the run (`PruningReport` or a dict, e.g.
+            `PruningCallback.training_report(trainer)`), merged into `pruning_report.json`: its known
+            values win over the computed ones, mappings are merged key by key.
         dtype: dtype of the saved weights, a torch.dtype or its name (default / "auto": the original
-            checkpoint's, else config.dtype).
+            checkpoint's, else config.dtype; the report and the log say which).
         overwrite: replace an existing non-empty `output_dir` (atomically); else FileExistsError.
         max_shard_size: shard size, e.g. "5GB" or bytes; larger checkpoints get an index.
         uniform: None picks a stock config when every layer has the same widths, else the
             heterogeneous format; True insists on a stock config (ValueError if impossible);
             False always writes the heterogeneous format.
+        model_card: also write README.md and the kept-width chart (`hfprune.model_card`).
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
@@ -128,10 +135,15 @@ def save_pruned(
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        computed = _report(inner, structure, masks, exported, original, stats, files, export_dtype)
-        (tmp / REPORT_FILE).write_text(_dumps(_merge_reports(computed, report or {})) + "\n")
+        _report(inner, structure, masks, exported, original, stats, files, export_dtype).update(report).save(tmp)
+        if model_card:
+            from ..model_card import write_model_card
+
+            write_model_card(tmp, model_name=output_dir.resolve().name)
         check_no_pickles(tmp)
         validate_checkpoint_shapes(tmp)
+    logger.info("exported %s (%s, %s)", output_dir, "heterogeneous" if exported.heterogeneous else "uniform",
+                str(export_dtype).removeprefix("torch."))
     return output_dir
 
 
@@ -348,7 +360,8 @@ def _original_kv_heads(config_dict: dict, index: int, mask) -> Optional[int]:
 # ---- report ----------------------------------------------------------------------------------------------
 
 
-def _report(inner, structure, masks, exported: ExportConfig, original, stats, files, export_dtype) -> dict:
+def _report(inner, structure, masks, exported: ExportConfig, original, stats, files, export_dtype) -> PruningReport:
+    """What the export itself knows: the base model, the widths and kept indices, parameters, files."""
     config = inner.config
     params_after = stats["params_after"]
     config_dict = config.to_dict()
@@ -378,31 +391,24 @@ def _report(inner, structure, masks, exported: ExportConfig, original, stats, fi
         before = stats["params_before"]
     else:
         before = params_after + params_before_from_masks if masks is not None else None
-    if original is not None:
-        base_model, revision = repo_id_from_cache_path(original.path) or original.name, original.commit
-    else:
-        base_model = config.name_or_path or None
-        revision = commit_from_cache_path(Path(base_model)) if base_model else None
-        base_model = repo_id_from_cache_path(Path(base_model)) or base_model if base_model else None
+    base_model, revision = _base_model(config, original)
     parameters = {"before": before, "after": params_after}
     if before:
         parameters.update(removed=before - params_after, removed_fraction=round(1 - params_after / before, 6))
-    from .._version import __version__
-
-    return {
-        "base_model": base_model,
-        "base_model_revision": revision,
-        "model_type": exported.config.model_type,
-        "format": "heterogeneous" if exported.heterogeneous else "uniform",
-        "format_reason": exported.reason,
-        "loading": (
+    return PruningReport(
+        base_model=base_model,
+        base_model_revision=revision,
+        model_type=exported.config.model_type,
+        format="heterogeneous" if exported.heterogeneous else "uniform",
+        format_reason=exported.reason,
+        loading=(
             "AutoModelForCausalLM.from_pretrained(path) after `import hfprune`, or with trust_remote_code=True"
             if exported.heterogeneous else "AutoModelForCausalLM.from_pretrained(path)"
         ),
-        "dtype": str(export_dtype).removeprefix("torch."),
-        "parameters": parameters,
-        "layers": layers,
-        "export": {
+        dtype=str(export_dtype).removeprefix("torch."),
+        parameters=parameters,
+        layers=layers,
+        export={
             "hfprune_version": __version__,
             "streamed_from_original": original is not None,
             "tensors_from_original": stats["from_original"],
@@ -411,31 +417,14 @@ def _report(inner, structure, masks, exported: ExportConfig, original, stats, fi
             "ignored_original_tensors": stats["ignored_original_tensors"],
             "files": files,
         },
-    }
+    )
 
 
-def _merge_reports(computed: dict, given: dict) -> dict:
-    """The given report wins; nested dicts are merged key by key."""
-    merged = dict(computed)
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge_reports(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _dumps(value: Any, indent: int = 0) -> str:
-    """JSON with nested dicts indented and lists of scalars on one line (channel lists stay compact)."""
-    pad = "  " * indent
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        items = [f'{pad}  {json.dumps(str(k))}: {_dumps(v, indent + 1)}' for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(value, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in value):
-            return json.dumps(list(value), default=str)
-        items = [f"{pad}  {_dumps(v, indent + 1)}" for v in value]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    return json.dumps(value, default=str)
+def _base_model(config, original: Optional[OriginalCheckpoint]) -> tuple[Optional[str], Optional[str]]:
+    """(hub id of the base, its commit): a snapshot in the Hugging Face cache is named by its repo, not its path."""
+    if original is not None:
+        return repo_id_from_cache_path(original.path) or original.name, original.commit
+    name = config.name_or_path or None
+    if name is None:
+        return None, None
+    return repo_id_from_cache_path(Path(name)) or name, commit_from_cache_path(Path(name))

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import save_file
 
+from ..atomic import save_safetensors_atomic
 from .safety import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 _UNITS = {
@@ -71,7 +71,7 @@ class ShardWriter:
         if not self._pending:
             return
         path = self.directory / f"model-part-{len(self._parts) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        save_safetensors_atomic(self._pending, path, metadata={"format": "pt"})  # readable (0644) like any checkpoint
         self._parts.append((path, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0
