@@ -334,6 +334,7 @@ class PruningCallback(TrainerCallback):
             trainer.model,
             output_dir,
             masks=self.removal_masks,
+            compensation=self.compensator.record if self.compensator is not None else None,
             original_checkpoint=self.original_checkpoint,
             tokenizer=trainer.processing_class,
             report=self.training_report(trainer),

@@ -163,3 +163,75 @@ def test_masks_compose_into_the_original_index_space():
     assert both[0].channels.tolist() == [False, False, True, True, False, True]
     with pytest.raises(ValueError, match="layer 0: the later masks cover 3 heads"):
         PruningMasks({0: LayerMask(torch.ones(3, dtype=torch.bool), torch.ones(6, dtype=torch.bool))}).compose(later)
+
+
+def _compensated_one_shot(original_dir, frozen: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32, attn_implementation="eager")
+    model.requires_grad_(not frozen)  # frozen weights are re-read from the original; trainable ones from memory
+    config = PruningConfig(target_sparsity=0.4, importance="magnitude", structures=("heads", "channels"),
+                           head_granularity="query_head", protected_layers=(0,), compensation="least_squares")
+    return prune_model(model.eval(), config, calibration_data=_batches(seed=0))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_export_after_compensation_reloads_with_the_in_memory_logits(tmp_path, frozen):
+    """Streamed from the original (frozen weights: the record is replayed on the full-precision tensors) or
+    written from memory: either way the checkpoint computes what the pruned model in memory computes."""
+    from transformers import AutoModelForCausalLM
+
+    from hfprune import save_pruned
+
+    tiny_model("llama").save_pretrained(tmp_path / "original")
+    model = _compensated_one_shot(tmp_path / "original", frozen)
+    out = save_pruned(model, tmp_path / "out", original_checkpoint=tmp_path / "original")  # masks: the record's
+    report = __import__("json").loads((out / "pruning_report.json").read_text())
+    assert report["export"]["compensated_tensors"] == (6 if frozen else 0)  # o_proj + down_proj of layers 1-3
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    held_out = _batches(seed=3, count=2)
+    torch.testing.assert_close(_logits(reloaded, held_out), _logits(model, held_out), atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_a_compensated_8bit_base_replays_the_maps_on_the_full_precision_original(tmp_path):
+    """8-bit base + LoRA, progressive pruning with compensation: the export re-reads the bf16/fp32 original,
+    replays the composed maps, merges LoRA. It must equal the fp32 reference computed by hand, and stay within
+    the int8 quantization error of the in-memory model."""
+    from transformers import AutoModelForCausalLM
+
+    from hfprune import save_pruned
+    from hfprune.export.merge import lora_weight_delta
+
+    from .tiny_models import save_tiny
+
+    save_tiny("llama", tmp_path / "base")
+    config = PruningConfig(target_sparsity=0.4, importance="lora", head_granularity="query_head",
+                           protected_layers=(0,), prune_every=1, compensation="least_squares")
+    trainer = PruningTrainer(
+        model=str(tmp_path / "base"),  # 8-bit for the lora criterion
+        args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
+                               learning_rate=2e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0),
+        pruning_config=config,
+        train_dataset=datasets.Dataset.from_list(alpaca_records(32)),
+        processing_class=tiny_tokenizer(),
+    )
+    assert type(trainer.model.base_model.model.model.layers[1].mlp.down_proj.base_layer).__name__ == "Linear8bitLt"
+    trainer.train()
+    record = trainer.pruning_callback.compensator.record
+    assert record
+    out = trainer.save_model()
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    pruned = discover(trainer.model, protected_layers=())
+    for layer in pruned.layers[1:]:
+        for role in ("o_proj", "down_proj"):
+            parent = "self_attn" if role == "o_proj" else "mlp"
+            full = getattr(getattr(original.model.layers[layer.index], parent), role).weight.detach()
+            expected = record.get(layer.index, role).apply(full) + lora_weight_delta(layer.projection(role))
+            got = getattr(getattr(exported.model.layers[layer.index], parent), role).weight.detach()
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        memory = trainer.model(input_ids=ids).logits
+        reloaded = exported(input_ids=ids).logits
+    assert (memory.argmax(-1) == reloaded.argmax(-1)).float().mean() > 0.9  # int8 vs full precision

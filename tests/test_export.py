@@ -354,10 +354,26 @@ def test_8bit_model_without_original_checkpoint_is_refused(tmp_path):
 
 
 def test_pruned_model_streamed_without_masks_is_refused(tmp_path):
+    """A model pruned by other means (no removal record attached, no masks given) cannot be sliced."""
+    from hfprune.removal import ATTRIBUTE
+
     tiny_model("llama").save_pretrained(tmp_path / "original")
     model = _pruned("llama", uniform=False)
+    delattr(model, ATTRIBUTE)
     with pytest.raises(ValueError, match="the model is pruned but masks=None"):
         save_pruned(model, tmp_path / "out", original_checkpoint=tmp_path / "original")
+
+
+def test_one_shot_pruned_model_streams_from_the_original_with_its_attached_record(tmp_path):
+    """prune_model attaches the removal masks: save_pruned needs no masks= to slice the original."""
+    original = tiny_model("llama")
+    original.save_pretrained(tmp_path / "original")
+    model = _pruned("llama", uniform=False).requires_grad_(False)  # frozen: streamed from the original
+    out = save_pruned(model, tmp_path / "out", original_checkpoint=tmp_path / "original")
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["export"]["tensors_from_original"] > 0 and report["layers"][1]["kept_channels"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(_logits(reloaded, batch()), _logits(model, batch()), atol=1e-5, rtol=1e-5)
 
 
 # ---- report, config choices ------------------------------------------------------------------------------

@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_directory, check_output_dir
+from ..compensator import CompensationRecord
 from ..masking import PruningMasks
 from .._version import __version__
+from ..removal import attached
 from ..report import PruningReport
 from ..structure import ModelStructure, discover, unwrap_model
 from .config import REMOTE_CODE_FILES, ExportConfig, build_export_config
@@ -55,6 +57,7 @@ def save_pruned(
     output_dir: Union[str, Path],
     *,
     masks: Optional[PruningMasks] = None,
+    compensation: Optional[CompensationRecord] = None,
     original_checkpoint: Optional[Union[str, Path]] = None,
     tokenizer: Any = None,
     report: Union[PruningReport, dict, None] = None,
@@ -69,7 +72,11 @@ def save_pruned(
 
     Args:
         masks: the removal masks, in the ORIGINAL index space. Needed to slice the original
-            checkpoint; also give the report the original indices of what was kept.
+            checkpoint; also give the report the original indices of what was kept. Default:
+            the record `prune_model` / `PruningCallback` attached to the model (`hfprune.removal`).
+        compensation: the compensation maps of that removal (`hfprune.compensator`), replayed on
+            the original's full-precision o_proj / down_proj weights before they are sliced.
+            Default: the attached record's, when its masks are the ones used.
         original_checkpoint: local directory or hub id of the unpruned safetensors checkpoint.
             Frozen weights are re-read from it (streaming, shard by shard). Required for an
             8-bit base (default: `config.name_or_path`); LoRA is never merged into int8 values.
@@ -94,6 +101,12 @@ def save_pruned(
     structure = discover(model, protected_layers=())
     entries = model_tensors(model)
     tied = _tied_names(inner, entries)
+    record = attached(model)
+    if record is not None:
+        if masks is None:
+            masks = record.masks
+        if compensation is None and record.masks == masks:
+            compensation = record.compensation
     if masks is not None:
         _check_masks_fit_model(structure, masks, inner.config)
 
@@ -123,7 +136,7 @@ def save_pruned(
 
     with atomic_directory(output_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
-        stats = _write_weights(writer, entries, tied, original, masks, structure, dtype, export_dtype)
+        stats = _write_weights(writer, entries, tied, original, masks, compensation, structure, dtype, export_dtype)
         files = writer.finish()
         stats["params_after"] = writer.total_numel
         exported.config.to_json_file(str(tmp / "config.json"), use_diff=True)
@@ -156,6 +169,7 @@ def _write_weights(
     skip: set[str],
     original: Optional[OriginalCheckpoint],
     masks: Optional[PruningMasks],
+    compensation: Optional[CompensationRecord],
     structure: ModelStructure,
     dtype: Optional[torch.dtype],
     export_dtype: torch.dtype,
@@ -164,11 +178,11 @@ def _write_weights(
 
     Returns counts for the report.
     """
-    stats = {"from_original": 0, "from_memory": 0, "lora_merged": [], "ignored_original_tensors": [],
+    stats = {"from_original": 0, "from_memory": 0, "lora_merged": [], "compensated": [], "ignored_original_tensors": [],
              "params_before": 0, "original_dtypes": {}}
     written: set[str] = set()
     if original is not None:
-        written = _stream_original(writer, entries, skip, original, masks, structure, dtype, stats)
+        written = _stream_original(writer, entries, skip, original, masks, compensation, structure, dtype, stats)
     for name, entry in entries.items():
         if name in skip or name in written:
             continue
@@ -197,6 +211,7 @@ def _stream_original(
     skip: set[str],
     original: OriginalCheckpoint,
     masks: Optional[PruningMasks],
+    compensation: Optional[CompensationRecord],
     structure: ModelStructure,
     dtype: Optional[torch.dtype],
     stats: dict,
@@ -208,6 +223,7 @@ def _stream_original(
     written: set[str] = set()
     rules = slice_rules(structure)
     head_dims = {layer.index: layer.head_dim for layer in structure}
+    column_maps = _column_maps(structure, compensation)
     for name, lazy in original.tensors():
         entry = entries.get(name)
         if name in skip:
@@ -222,7 +238,13 @@ def _stream_original(
             continue
         loaded = lazy.load()
         rule = rules.get(name)
-        tensor = slice_original(loaded, rule, masks, head_dims.get(rule.layer) if rule else 0, name)
+        source = loaded
+        if name in column_maps:  # the kept columns absorbed the removed ones: replay it on the original
+            source = loaded.to(torch.float32, copy=True)  # a float32 copy: the update is not rounded to the original's dtype twice
+            column_map = column_maps[name]
+            source[:, column_map.kept] = column_map.apply(loaded)
+            stats["compensated"].append(name)
+        tensor = slice_original(source, rule, masks, head_dims.get(rule.layer) if rule else 0, name)
         if tuple(tensor.shape) != tuple(entry.tensor.shape):
             raise ValueError(
                 f"{name}: the original checkpoint's tensor, sliced by the masks, has shape {list(tensor.shape)} but "
@@ -235,13 +257,13 @@ def _stream_original(
         if not entry.quantized:
             _check_frozen_tensor_matches(name, entry, tensor, delta if is_merged_in_memory(entry) else None)
         if tensor.is_floating_point():
-            tensor = merged_tensor(tensor, delta, dtype or tensor.dtype)
+            tensor = merged_tensor(tensor, delta, dtype or loaded.dtype)
         if tensor.untyped_storage().data_ptr() == loaded.untyped_storage().data_ptr():
             # Unchanged (a norm, an embedding): own a copy, or the pending shard would keep the
             # memory-mapped original shard alive.
             tensor = tensor.clone()
         writer.add(name, tensor)
-        del loaded, tensor, delta
+        del loaded, source, tensor, delta
         written.add(name)
         stats["from_original"] += 1
     if stats["ignored_original_tensors"]:
@@ -250,6 +272,18 @@ def _stream_original(
             original.name, stats["ignored_original_tensors"],
         )
     return written
+
+
+def _column_maps(structure: ModelStructure, compensation: Optional[CompensationRecord]) -> dict:
+    """Tensor name -> the ColumnMap of its weight (o_proj / down_proj of a compensated layer)."""
+    if not compensation:
+        return {}
+    spec = structure.spec
+    out = {}
+    for (index, role), column_map in compensation.maps.items():
+        parent = spec.attention if role == "o_proj" else spec.mlp
+        out[f"{spec.layers}.{index}.{parent}.{spec.name(role)}.weight"] = column_map
+    return out
 
 
 def _check_frozen_tensor_matches(
@@ -414,6 +448,7 @@ def _report(inner, structure, masks, exported: ExportConfig, original, stats, fi
             "tensors_from_original": stats["from_original"],
             "tensors_from_memory": stats["from_memory"],
             "lora_merged_tensors": len(stats["lora_merged"]),
+            "compensated_tensors": len(stats["compensated"]),
             "ignored_original_tensors": stats["ignored_original_tensors"],
             "files": files,
         },
