@@ -15,12 +15,16 @@ set that environment, so nothing needs patching afterwards:
   process here has to be: a test that checks the user's offline path runs a subprocess with
   ``HF_HUB_OFFLINE=1`` (``tests/test_offline.py``).
 - ``HF_HOME`` is a fresh directory for the session (hub and datasets caches, token files), so the tests
-  never write the developer's cache. The real SmolLM2 stays in the developer's hub cache (the one the
-  environment named before this file changed it): ``make test`` fills it first with
-  ``python -m hfprune.offline``; the ``smollm2_path`` fixture does the same if needed and returns the
-  snapshot directory, which tests load by path.
-- The ``local_hub`` fixture hands a test the session hub, emptied; it restarts it on the same port if
-  the test stopped it.
+  never write the developer's cache.
+- The real SmolLM2 stays in the developer's hub cache (the one the environment named before this file
+  changed it): ``make test`` fills it first with ``python -m hfprune.offline``; the ``smollm2_path`` fixture
+  does the same if needed and returns the snapshot directory. It also files that snapshot where the
+  session's hub and cache both have it: the hub serves it as ``HuggingFaceTB/SmolLM2-135M-Instruct`` at the
+  snapshot's own commit, and the session cache links that commit. So a test that asks for
+  ``smollm2_path`` can also load the model by hub id (a recipe naming it, say) through the ordinary online
+  code path, and huggingface_hub, finding every file current, copies and downloads nothing.
+- The ``local_hub`` fixture hands a test the session hub, emptied (served snapshots stay); it restarts it
+  on the same port if the test stopped it.
 """
 
 from __future__ import annotations
@@ -108,12 +112,30 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real pretrained SmolLM2-135M-Instruct in the developer's hub cache (converted there once)."""
-    from hfprune.offline import OfflineModelUnavailableError, ensure_offline_model
+    from hfprune.offline import OFFLINE_MODEL_ID, OfflineModelUnavailableError, ensure_offline_model
 
     try:
-        return ensure_offline_model(cache_dir=DEVELOPER_HUB_CACHE)
+        snapshot = ensure_offline_model(cache_dir=DEVELOPER_HUB_CACHE)
     except OfflineModelUnavailableError as error:  # pragma: no cover - the Makefile installs it
         pytest.skip(str(error))
+    _file_in_session(OFFLINE_MODEL_ID, snapshot)
+    return snapshot
+
+
+def _file_in_session(repo_id: str, snapshot: Path) -> None:
+    """Make ``from_pretrained(repo_id)`` work in the session with nothing copied or downloaded: the session
+    hub serves ``snapshot`` as ``repo_id`` at the snapshot's commit, and the session cache holds that commit
+    (a link to the snapshot, and ``refs/main``), so huggingface_hub finds every file current."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    HUB.serve_snapshot(repo_id, snapshot)
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+    if not (repo / "snapshots" / snapshot.name).exists():
+        (repo / "snapshots" / snapshot.name).symlink_to(snapshot, target_is_directory=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
 
 
 @pytest.fixture

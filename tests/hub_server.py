@@ -83,21 +83,44 @@ def _now() -> _dt.datetime:
 class _Blob:
     """Immutable file content. LFS blobs are reported with their LFS metadata (tree, resolve headers)."""
 
-    __slots__ = ("data", "lfs", "sha256", "oid", "pointer_size")
+    __slots__ = ("_data", "size", "lfs", "sha256", "oid", "pointer_size")
 
     def __init__(self, data: bytes, lfs: bool = False) -> None:
-        self.data = bytes(data)
-        self.lfs = lfs
-        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self._data, self.size = bytes(data), len(data)
+        self._set_ids(lfs, hashlib.sha256(self._data).hexdigest() if lfs else None, _git_blob_sha1(self._data))
+
+    def _set_ids(self, lfs: bool, sha256: str | None, git_oid: str) -> None:
+        self.lfs, self.sha256 = lfs, sha256
         if lfs:
-            pointer = _LFS_POINTER.format(oid=self.sha256, size=len(self.data)).encode()
+            pointer = _LFS_POINTER.format(oid=sha256, size=self.size).encode()
             self.oid, self.pointer_size = _git_blob_sha1(pointer), len(pointer)  # the pointer's git id, as on the Hub
         else:
-            self.oid, self.pointer_size = _git_blob_sha1(self.data), 0
+            self.oid, self.pointer_size = git_oid, 0
+
+    @property
+    def data(self) -> bytes:
+        return self._data
 
     @property
     def etag(self) -> str:
         return self.sha256 if self.lfs else self.oid  # as the Hub: sha256 for LFS files, git sha1 otherwise
+
+
+class _CachedBlob(_Blob):
+    """A file of a hub-cache snapshot, read from disk only when downloaded. The cache names a blob by the
+    etag the Hub gave it (sha256 for LFS files, git sha1 otherwise), so nothing needs hashing."""
+
+    __slots__ = ("_path",)
+
+    def __init__(self, path: Path) -> None:
+        self._path = path.resolve()
+        self.size = self._path.stat().st_size
+        name = self._path.name
+        self._set_ids(len(name) == 64, name if len(name) == 64 else None, name)
+
+    @property
+    def data(self) -> bytes:
+        return self._path.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,7 @@ class LocalHub:
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._snapshots: dict[str, Path] = {}
         self.reset()
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -246,6 +270,23 @@ class LocalHub:
             self.forbidden_repos: set[str] = set()
             self.lfs_threshold: int | None = None
             self.lfs_patterns: list[str] = ["*.parquet", "*.arrow"]
+            for repo_id, snapshot in self._snapshots.items():
+                self._add_snapshot(repo_id, snapshot)
+
+    def serve_snapshot(self, repo_id: str, snapshot: str | Path) -> None:
+        """Serve a hub-cache snapshot directory as ``repo_id``'s ``main``, at the snapshot's own commit, from now
+        on (``reset()`` keeps it). A client whose cache holds that snapshot finds every file current and
+        downloads nothing, as it would from the real Hub."""
+        self._snapshots[repo_id] = Path(snapshot)
+        with self._lock:
+            self._add_snapshot(repo_id, Path(snapshot))
+
+    def _add_snapshot(self, repo_id: str, snapshot: Path) -> None:
+        repo = _Repo("model", repo_id, private=False)
+        files = {p.relative_to(snapshot).as_posix(): _CachedBlob(p) for p in snapshot.rglob("*") if p.is_file()}
+        repo.commits[snapshot.name] = _Commit(snapshot.name, None, "snapshot", _now(), files)
+        repo.branches["main"] = snapshot.name
+        self._repos[("model", repo_id)] = repo
 
     # ------------------------------------------------------------------------------------- fault injection
 
@@ -300,6 +341,11 @@ class LocalHub:
                 tree[_clean_path(path)] = _Blob(content.encode() if isinstance(content, str) else content)
             return self._publish(repo, "main", tree, message)
 
+    def delete_repo(self, repo_id: str, repo_type: str = "model") -> None:
+        """Forget a repo (a served snapshot comes back at the next ``reset()``)."""
+        with self._lock:
+            self._repos.pop((repo_type, repo_id), None)
+
     def repo_exists(self, repo_id: str, repo_type: str = "model") -> bool:
         return (repo_type, repo_id) in self._repos
 
@@ -336,7 +382,8 @@ class LocalHub:
         repo = _Repo(repo_type, repo_id, private)
         self._repos[(repo_type, repo_id)] = repo
         oid = hashlib.sha1(uuid.uuid4().bytes).hexdigest()
-        repo.commits[oid] = _Commit(oid, None, "initial commit", _now(), {".gitattributes": _Blob(_GITATTRIBUTES.encode())})
+        files = {".gitattributes": _Blob(_GITATTRIBUTES.encode())}
+        repo.commits[oid] = _Commit(oid, None, "initial commit", _now(), files)
         repo.branches["main"] = oid
         return repo
 
@@ -453,11 +500,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.requests.append(HubRequest(self.command, split.path, split.query, self._status))
 
     def _send(self, status: int, body: bytes = b"", *, content_type: str = "application/json",
-              headers: Mapping[str, str] | None = None) -> None:
+              headers: Mapping[str, str] | None = None, content_length: int | None = None) -> None:
         self._status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
         self.send_header("X-Request-Id", uuid.uuid4().hex)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -624,9 +671,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _file_entry(path: str, blob: _Blob) -> dict[str, Any]:
-        entry: dict[str, Any] = {"type": "file", "oid": blob.oid, "size": len(blob.data), "path": path}
+        entry: dict[str, Any] = {"type": "file", "oid": blob.oid, "size": blob.size, "path": path}
         if blob.lfs:
-            entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data), "pointerSize": blob.pointer_size}
+            entry["lfs"] = {"oid": blob.sha256, "size": blob.size, "pointerSize": blob.pointer_size}
         return entry
 
     def _tree(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
@@ -744,8 +791,9 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
         }
         if blob.lfs:
-            headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))})
-        self._send(200, blob.data, content_type="application/octet-stream", headers=headers)
+            headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(blob.size)})
+        body = b"" if self.command == "HEAD" else blob.data
+        self._send(200, body, content_type="application/octet-stream", headers=headers, content_length=blob.size)
 
     # ------------------------------------------------------------------------------------------------ LFS
 

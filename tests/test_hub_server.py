@@ -327,7 +327,30 @@ def test_the_session_points_every_library_at_the_local_hub(local_hub: LocalHub):
     assert constants.HF_HUB_DISABLE_XET is True
     home = Path(os.environ["HF_HOME"])  # the session's own, never the developer's cache
     assert home.name.startswith("hfprune-tests-hf-home-")
-    assert Path(constants.HF_HUB_CACHE).is_relative_to(home) and Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(home)
+    assert Path(constants.HF_HUB_CACHE).is_relative_to(home)
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(home)
+
+
+def test_a_served_snapshot_is_current_in_a_cache_that_holds_it(local_hub: LocalHub, tmp_path: Path):
+    """What conftest does for the real SmolLM2 (fixture smollm2_path): the hub id loads, nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from hfprune.offline import file_checkpoint
+
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    snapshot = file_checkpoint(tmp_path / "model", "test-org/served", cache_dir=tmp_path / "cache")
+    local_hub.serve_snapshot("test-org/served", snapshot)
+    local_hub.reset()  # a served snapshot stays
+    assert local_hub.head("test-org/served") == snapshot.name
+    assert local_hub.files("test-org/served")["config.json"] == (snapshot / "config.json").read_bytes()
+
+    loaded = AutoModelForCausalLM.from_pretrained("test-org/served", cache_dir=tmp_path / "cache").eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert not local_hub.requests_to("/resolve/", method="GET")  # every file was current in the cache
+    other = Path(snapshot_download("test-org/served", cache_dir=tmp_path / "elsewhere"))  # a cold cache downloads
+    assert (other / "model.safetensors").read_bytes() == (snapshot / "model.safetensors").read_bytes()
+    assert local_hub.unknown_routes == [] and local_hub.server_errors == []  # (stays served: a name no test uses)
 
 
 def test_a_stopped_hub_frees_its_port_and_comes_back_on_it():

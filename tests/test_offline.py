@@ -94,7 +94,8 @@ def test_nothing_in_the_package_imports_the_offline_tooling():
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.ImportFrom):
-                names = [f"{'.' * node.level}{node.module or ''}"] + [f"{node.module or ''}.{a.name}" for a in node.names]
+                module = node.module or ""
+                names = [f"{'.' * node.level}{module}"] + [f"{module}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
@@ -244,6 +245,7 @@ def test_a_conversion_by_an_older_recipe_is_redone(cache, tiny_conversion, monke
 def test_with_hub_access_the_same_call_gets_the_real_model(cache, tiny_conversion, local_hub, tmp_path):
     """The made-up commit never shadows the hub: online, from_pretrained downloads the real repo."""
     ours = ensure_offline_model(cache_dir=cache)  # the stand-in is cached: 1 layer
+    local_hub.delete_repo(OFFLINE_MODEL_ID)  # the session may serve the developer's copy (smollm2_path)
     real = write_tiny_checkpoint(tmp_path / "real", num_hidden_layers=3)
     local_hub.upload_files(OFFLINE_MODEL_ID, {p.name: p for p in real.iterdir()})
     real_commit = local_hub.head(OFFLINE_MODEL_ID)
