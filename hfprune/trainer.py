@@ -60,9 +60,10 @@ def load_model(
     quantization_config=None,
     model_init_kwargs: Optional[dict] = None,
 ) -> PreTrainedModel:
-    """`from_pretrained` with the 8-bit base when asked; offline, the SmolLM2 stand-in is served."""
-    from .offline import resolve_model
+    """`AutoModelForCausalLM.from_pretrained(model_id)`, with the 8-bit base when asked.
 
+    Nothing else: a hub id goes through the ordinary hub code path (`HF_HUB_OFFLINE=1` serves it from the cache).
+    """
     kwargs = dict(model_init_kwargs or {})
     if quantization_config is None and load_in_8bit:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -70,7 +71,7 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
         kwargs.setdefault("device_map", _kbit_device_map())
     kwargs.setdefault("dtype", "auto")
-    return AutoModelForCausalLM.from_pretrained(resolve_model(model_id), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
 
 
 class PruningTrainer(Trainer):

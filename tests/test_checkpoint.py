@@ -25,7 +25,6 @@ from hfprune.export import save_pruned
 from hfprune.model_card import CARD_FILE, CHART_FILE, record_evaluation
 from hfprune.report import REPORT_FILE, PruningReport
 
-from .hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 from .tiny_models import alpaca_records, batch, save_tiny, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,7 +251,7 @@ def test_card_of_an_evaluated_export_shows_its_perplexity(tmp_path, capsys):
     assert (out / CARD_FILE).read_text() == "# my card\n" and _report(out)["evaluation"]["settings"]["seq_len"] == 32
 
 
-def test_card_names_the_licence_of_a_hub_base(tmp_path, local_hub):  # noqa: F811
+def test_card_names_the_licence_of_a_hub_base(tmp_path, local_hub):
     from huggingface_hub import HfApi
 
     repo = HfApi().create_repo("tiny-base").repo_id
@@ -280,7 +279,7 @@ def _run_without_terminal(code: str, cwd: Path, env: dict) -> subprocess.Complet
 
 
 @pytest.mark.slow  # two Python processes
-def test_the_cards_loading_snippets_run_as_written(tmp_path, local_hub):  # noqa: F811
+def test_the_cards_loading_snippets_run_as_written(tmp_path, local_hub):
     from hfprune.hub import push_pruned
 
     model = tiny_model("llama")

@@ -11,8 +11,6 @@ import yaml
 
 from hfprune.cli import main
 
-from tests.hub_fixtures import local_hub  # noqa: F401
-
 from .tiny_models import alpaca_records, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent

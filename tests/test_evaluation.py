@@ -141,6 +141,21 @@ def test_max_windows_takes_the_first_windows(model, tokenizer):
     assert perplexity(model, tokenizer, TEXTS, seq_len=16, max_windows=50, tail="include").n_windows == 11
 
 
+def test_text_longer_than_the_context_is_windowed_without_a_length_warning(model, tokenizer, caplog):
+    from transformers import PreTrainedTokenizerFast
+
+    short = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, model_max_length=16,
+                                    unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>")
+
+    def warned() -> bool:
+        return any("Token indices sequence length is longer" in r.getMessage() for r in caplog.records)
+
+    assert perplexity(model, short, TEXTS, seq_len=16).n_windows == 10  # 165 tokens > 16: on purpose
+    assert not warned()
+    short("\n\n".join(TEXTS))  # the same text tokenized plainly does warn: the check above can fail
+    assert warned()
+
+
 def test_local_txt_jsonl_json_sources(model, tokenizer, tmp_path):
     txt = tmp_path / "docs.txt"
     txt.write_text(TEXTS[0] + "\n\n" + TEXTS[1] + "\n" + TEXTS[2] + "\n")  # the blank line is skipped
@@ -324,13 +339,6 @@ def test_decoder_widths_rejects_non_decoder():
 
 
 def test_zero_shot_on_local_task_end_to_end(model, tokenizer, monkeypatch):
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(TASK_DIR)  # the task's data_files path is relative to it
 
     scores = zero_shot(model, tokenizer, tasks=[TASK_NAME], batch_size=4, task_dir=TASK_DIR)
@@ -340,6 +348,28 @@ def test_zero_shot_on_local_task_end_to_end(model, tokenizer, monkeypatch):
         assert 0.0 <= value <= 1.0
         assert (value * 10) == pytest.approx(round(value * 10))  # 10 questions
     assert not model.training
+
+
+def test_zero_shot_outside_a_git_repository_says_nothing_about_git_or_its_call(model, tokenizer, tmp_path,
+                                                                              monkeypatch, capfd, caplog):
+    import shutil
+    import subprocess
+
+    for task_file in TASK_DIR.iterdir():
+        shutil.copy(task_file, tmp_path)
+    git = subprocess.run(["git", "describe", "--always"], cwd=tmp_path, capture_output=True, text=True)
+    if "not a git repository" not in git.stderr:
+        pytest.skip(f"{tmp_path} is inside a git repository (or git is missing): git has nothing to complain about")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    with caplog.at_level("INFO"):
+        scores = zero_shot(model, tokenizer, tasks=[TASK_NAME], batch_size=4, task_dir=tmp_path)
+    assert set(scores[TASK_NAME]) == {"acc", "acc_norm"}
+    assert "not a git repository" not in capfd.readouterr().err
+    messages = [record.getMessage() for record in caplog.records]
+    for noise in ("is not of type `str`", "already-initialized model", "num_fewshot of hfprune_tiny_mc from None"):
+        assert not [m for m in messages if noise in m], noise
+    assert any(record.name.startswith("lm_eval") for record in caplog.records)  # lm-eval's other logs still pass
 
 
 def test_zero_shot_rejects_unknown_tasks_and_missing_dirs(model, tokenizer, tmp_path):

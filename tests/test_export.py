@@ -23,7 +23,6 @@ from hfprune.export.safety import PickleCheckpointError
 from hfprune.importance import ScoreAccumulator, get_importance
 from hfprune.importance import score_model
 
-from .hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 from .tiny_models import ARCHITECTURES, batch, tiny_model
 
 register_auto_classes()  # what `import hfprune` does; idempotent
@@ -293,7 +292,7 @@ def test_frozen_weights_that_differ_from_the_original_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_original_checkpoint_as_hub_id_is_downloaded_without_pickles(local_hub, tmp_path):  # noqa: F811
+def test_original_checkpoint_as_hub_id_is_downloaded_without_pickles(local_hub, tmp_path):
     from huggingface_hub import HfApi
 
     original = tmp_path / "original"

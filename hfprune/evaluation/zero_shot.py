@@ -13,14 +13,64 @@ paths in your own tasks.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import re
+import subprocess
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from ..quiet import drop_messages
 
 # The seven commonsense tasks reported by LLM-Pruner and LoRAPrune.
 ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ACCURACY_METRICS = ("acc", "acc_norm")
+
+
+# lm-eval warnings about how hfprune calls it, not about the user's model or tasks: an in-memory model
+# is passed on purpose (a pruned one could not be reloaded from its config), in one process; and
+# num_fewshot=0 over a task default of None changes nothing.
+_LM_EVAL_NOISE = {
+    "lm_eval.models.huggingface": (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    ),
+    "lm_eval.evaluator": (re.compile(r"Overwriting default num_fewshot of \S+ from None to 0$"),),
+}
+
+
+def _quiet_lm_eval() -> None:
+    for logger_name, messages in _LM_EVAL_NOISE.items():
+        drop_messages(logger_name, *messages)
+
+
+def _git_commit_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash`, without git's "fatal: not a git repository" on stderr."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def _quiet_git_lookup() -> Iterator[None]:
+    """`simple_evaluate` records the working directory's git commit by running `git describe`, whose
+    complaint outside a repository lands on the user's terminal; the same lookup, quietly, for the call."""
+    import lm_eval.evaluator
+
+    original = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    if original is None:  # another lm-eval version: nothing to quieten
+        yield
+        return
+    lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 def _task_manager(tasks: Sequence[str], task_dir: str | os.PathLike | None):
@@ -84,6 +134,7 @@ def zero_shot(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_lm_eval()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
         raise ValueError("tasks=[]: name at least one lm-eval task, e.g. " + ", ".join(ZERO_SHOT_TASKS))
@@ -93,20 +144,21 @@ def zero_shot(
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=0,  # stderr bootstraps cost minutes and are not reported
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _quiet_git_lookup():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=0,  # stderr bootstraps cost minutes and are not reported
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     finally:
         model.train(was_training)
     return accuracies(results, tasks)
