@@ -148,16 +148,22 @@ def test_prune_model_keeps_activation_checkpointing_and_no_dropout():
 
 
 def test_a_registered_criterion_must_declare_a_known_need():
-    @register_importance("unit_test_bad_needs", overwrite=True)
-    class BadNeeds(ImportanceCriterion):
-        needs = "gradients_please"
+    from hfprune.importance import base
 
-    with pytest.raises(ValueError, match="needs='gradients_please' must be one of nothing, forward"):
-        get_importance("unit_test_bad_needs")
+    try:
+        @register_importance("unit_test_bad_needs", overwrite=True)
+        class BadNeeds(ImportanceCriterion):
+            needs = "gradients_please"
 
-    register_importance("unit_test_not_a_criterion", lambda: object(), overwrite=True)
-    with pytest.raises(TypeError, match="returned object, not an hfprune.importance.ImportanceCriterion"):
-        get_importance("unit_test_not_a_criterion")
+        with pytest.raises(ValueError, match="needs='gradients_please' must be one of nothing, forward"):
+            get_importance("unit_test_bad_needs")
+
+        register_importance("unit_test_not_a_criterion", lambda: object(), overwrite=True)
+        with pytest.raises(TypeError, match="returned object, not an hfprune.importance.ImportanceCriterion"):
+            get_importance("unit_test_not_a_criterion")
+    finally:  # broken criteria must not outlive the test: the estimator walks the registry
+        base._REGISTRY.pop("unit_test_bad_needs", None)
+        base._REGISTRY.pop("unit_test_not_a_criterion", None)
 
 
 def test_every_built_in_criterion_declares_what_the_estimator_and_trainer_read():
