@@ -380,12 +380,14 @@ def test_bad_arguments_are_refused_before_the_model_runs(tmp_path, dev_dir):
     assert len(load_suites(tmp_path, ["piqa"])["piqa"]) == 1
 
 
-def test_continuation_that_encodes_to_nothing_is_an_error():
+def test_continuations_that_cannot_be_scored_are_errors():
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(ValueError, match="continuation '' after 'Q:' encodes to no token"):
         score_questions(model, tokenizer, [Question(("Q:",) * 2, ("", " b"), 0, (0, 1))])
     with pytest.raises(ValueError, match="empty context before continuation ' b'"):
         score_questions(model, tokenizer, [Question(("", "a"), (" b", " b"), 0, None)])
+    with pytest.raises(ValueError, match=r"\.\.\.: 200 tokens, more than the model's context of 128"):
+        score_questions(model, tokenizer, [Question(("Q:",) * 2, (" a", " " + "b" * 199), 0, (1, 199))])
 
 
 def test_hellaswag_clean_up_matches_lm_evals_on_markup():

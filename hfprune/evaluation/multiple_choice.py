@@ -279,7 +279,9 @@ def _group(tokenizer, question: Question, max_length: int) -> _Group:
     for context, continuation in zip(question.contexts, question.continuations, strict=True):
         ids, n = encode_choice(tokenizer, context, continuation)
         if n > max_length:
-            raise ValueError(f"continuation {continuation[:40]!r}: {n} tokens, more than the model's {max_length}")
+            raise ValueError(
+                f"continuation {continuation[:40]!r}...: {n} tokens, more than the model's context of {max_length}"
+            )
         tokens.append(ids[-(max_length + 1) :])  # lm-eval truncates from the left
         n_scored.append(n)
     shared = min(len(t) for t in tokens)
