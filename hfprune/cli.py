@@ -3,6 +3,7 @@
     hfprune prune RECIPE.yaml|RECIPE_NAME [section.key=value ...] [--dry-run]
     hfprune plan RECIPE.yaml|RECIPE_NAME|MODEL_CONFIG [section.key=value ...] [--steps N] [--per-layer]
     hfprune eval MODEL --ppl-source FILE ... [--seq-len N] [--max-windows N] [--baseline MODEL] [--speed] [--tasks ...]
+                 [--zero-shot-dev DIR]
     hfprune push DIR REPO_ID [--private] [--token TOKEN]
     hfprune export CHECKPOINT_DIR --to gguf [--outtype f32|f16|q8_0] [-o FILE] [--overwrite] [--tokenizer-from BASE.gguf]
     hfprune estimate MODEL_OR_CONFIG|RECIPE.yaml [--criterion lora] [--load-in-8bit|--load-in-4bit] [--seq-len N]
@@ -128,8 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
                           help="lm-eval zero-shot tasks, e.g. boolq piqa")
     evaluate.add_argument("--task-dir", help="folder of extra lm-eval task YAMLs (offline tasks)")
+    evaluate.add_argument("--zero-shot-dev", metavar="DIR",
+                          help="score the local PIQA / ARC-Easy / WinoGrande / HellaSwag slices in DIR (a zeroshot_dev "
+                               "folder) with hfprune's own scorer, lm-eval's task definitions")
+    evaluate.add_argument("--zero-shot-dev-tasks", nargs="+", metavar="TASK",
+                          help="the --zero-shot-dev suites to score (default: all of them)")
     evaluate.add_argument("--zero-shot-limit", type=float, metavar="N",
-                          help="lm-eval limit per task (count, or fraction if < 1)")
+                          help="rows per zero-shot task (lm-eval: count, or fraction if < 1; --zero-shot-dev: count)")
     evaluate.add_argument("--output", metavar="FILE.json", help="write the report as JSON (and a .md table beside it)")
     evaluate.add_argument("--no-record", action="store_true",
                           help="when MODEL is a local hfprune checkpoint, do not write the results into its "
@@ -262,9 +268,10 @@ def _cmd_plan(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .evaluation import run_eval
+    from .evaluation.multiple_choice import ZERO_SHOT_DEV_TASKS
 
-    if not args.ppl_source and not args.tasks and not args.speed:
-        raise ValueError("nothing to measure: give --ppl-source SOURCE, --tasks TASK ... or --speed")
+    if not args.ppl_source and not args.tasks and not args.zero_shot_dev and not args.speed:
+        raise ValueError("nothing to measure: give --ppl-source SOURCE, --tasks TASK ..., --zero-shot-dev DIR or --speed")
     for path in (args.model, args.baseline):
         _refuse_pickles(path)
     speed = False
@@ -278,7 +285,8 @@ def _cmd_eval(args) -> int:
     report = run_eval(
         args.model, sources=args.ppl_source, seq_len=args.seq_len, tasks=args.tasks, speed=speed,
         output=args.output, baseline=args.baseline, batch_size=args.batch_size, max_windows=args.max_windows,
-        tail=args.tail, task_dir=args.task_dir, zero_shot_limit=limit, device=args.device, dtype=args.dtype,
+        tail=args.tail, task_dir=args.task_dir, zero_shot_limit=limit, zero_shot_dev=args.zero_shot_dev,
+        zero_shot_dev_tasks=args.zero_shot_dev_tasks or ZERO_SHOT_DEV_TASKS, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
     print(report.to_markdown())

@@ -658,7 +658,7 @@ def _eval_results(evaluation: dict) -> list[EvalResult]:
 
 
 # Evaluation settings that are local paths: in the report, not on the card.
-_LOCAL_SETTINGS = ("dense", "pruned", "task_dir")
+_LOCAL_SETTINGS = ("dense", "pruned", "task_dir", "zero_shot_dev")
 
 
 def _metrics(evaluation: dict, base_model: Optional[str], model_name: str) -> dict:

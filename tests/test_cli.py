@@ -73,7 +73,8 @@ OPTIONS = {
     "prune": ["RECIPE.yaml", "KEY=VALUE", "--dry-run", "--json"],
     "plan": ["--steps", "--world-size", "--with-lora", "--per-layer", "--no-memory", "--json", "--dry-run"],
     "eval": ["--ppl-source", "--seq-len", "--max-windows", "--baseline", "--speed", "--tasks", "--task-dir",
-             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--device", "--dtype", "--trust-remote-code"],
+             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--zero-shot-dev", "--zero-shot-dev-tasks",
+             "--device", "--dtype", "--trust-remote-code"],
     "push": ["DIR", "REPO_ID", "--private", "--token", "--revision", "--commit-message", "--create-pr"],
     "estimate": ["MODEL_OR_CONFIG", "--criterion", "--load-in-8bit", "--seq-len", "--batch", "--lora-r",
                  "--no-gradient-checkpointing", "--gpu-gb"],
@@ -293,6 +294,25 @@ def test_eval_compares_with_a_baseline(capsys, tmp_path, tiny_base):
     assert "| perplexity" in out and output.with_suffix(".md").exists()
     code, _, err = _run(capsys, "eval", str(tiny_base))
     assert code == 2 and "nothing to measure" in err
+
+
+def test_eval_scores_the_zero_shot_dev_suites(capsys, tmp_path, tiny_base, data_dir):
+    dev = data_dir / "zeroshot_dev"
+    output = tmp_path / "eval.json"
+    code, out, err = _run(capsys, "eval", str(tiny_base), "--zero-shot-dev", str(dev), "--zero-shot-dev-tasks",
+                          "piqa", "winogrande", "--zero-shot-limit", "2", "--output", str(output))
+    assert code == 0, err
+    scores = json.loads(output.read_text())["pruned"]["zero_shot_dev"]
+    assert list(scores) == ["piqa", "winogrande", "average"]
+    assert scores["piqa"]["n"] == scores["winogrande"]["n"] == 2 and scores["average"]["n"] == 4
+    assert "| piqa acc_norm (dev) |" in out and "| average acc (dev) |" in out and "winogrande acc_norm" not in out
+    # bad input is refused before any model is loaded
+    code, _, err = _run(capsys, "eval", str(tiny_base), "--zero-shot-dev", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere': not a directory; it must hold piqa.jsonl" in err
+    code, _, err = _run(capsys, "eval", str(tiny_base), "--zero-shot-dev", str(dev), "--zero-shot-dev-tasks", "boolq")
+    assert code == 2 and "tasks=['boolq']: unknown multiple-choice tasks; valid tasks are piqa" in err
+    code, _, err = _run(capsys, "eval", str(tiny_base), "--zero-shot-dev", str(dev), "--zero-shot-limit", "0.5")
+    assert code == 2 and "limit=0.5: must be None (every row) or an integer >= 1" in err
 
 
 def test_push_uploads_a_checkpoint(capsys, tmp_path, tiny_base, local_hub):

@@ -424,6 +424,28 @@ def test_report_json_round_trip_and_markdown(tmp_path):
     assert alone[0] == "| metric | pruned |"
 
 
+def test_report_shows_the_zero_shot_dev_suites(tmp_path):
+    def scores(acc: float) -> dict:
+        return {"piqa": {"acc": acc, "acc_norm": acc + 0.02, "n": 838}, "winogrande": {"acc": 0.5, "n": 267},
+                "average": {"acc": (acc + 0.5) / 2, "acc_norm": (acc + 0.52) / 2, "n": 1105}}
+
+    report = EvaluationReport(
+        dense=ModelEvaluation(name="dense", params=100, zero_shot_dev=scores(0.66)),
+        pruned=ModelEvaluation(name="pruned", params=80, zero_shot_dev=scores(0.62)),
+    )
+    assert EvaluationReport.load(report.save(tmp_path / "eval.json")) == report
+    lines = report.to_markdown().splitlines()
+    assert "| piqa acc_norm (dev) | 68.00 | 64.00 | -4.00 |" in lines
+    assert "| average acc (dev) | 58.00 | 56.00 | -2.00 |" in lines
+    assert not any("winogrande acc_norm" in line or "mean acc" in line for line in lines)
+    assert "zeroshot_dev slices (piqa 838, winogrande 267 rows)" in lines[-1]
+    # a report written before this field existed still loads
+    old = json.loads((tmp_path / "eval.json").read_text())
+    for role in ("dense", "pruned"):
+        del old[role]["zero_shot_dev"]
+    assert EvaluationReport.from_dict(old).pruned.zero_shot_dev == {}
+
+
 def test_run_eval_end_to_end(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from .multiple_choice import AVERAGE
 
 
 @dataclass
@@ -21,6 +22,8 @@ class ModelEvaluation:
     params: int
     perplexity: dict[str, float] = field(default_factory=dict)  # source -> ppl
     zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {acc, acc_norm}
+    # task and AVERAGE -> {acc, acc_norm, n}: hfprune's own scorer on the zeroshot_dev/ slices
+    zero_shot_dev: dict[str, dict[str, float]] = field(default_factory=dict)
     speed: dict | None = None  # SpeedResult.to_dict()
     flops_per_token: float | None = None
     layer_widths: list[dict] | None = None  # DecoderWidths.layers as dicts
@@ -91,6 +94,13 @@ class EvaluationReport:
                     )
         if any(m.mean_accuracy() is not None for m in models):
             rows.append(_row("mean acc", models, ModelEvaluation.mean_accuracy, _percent, _points))
+        for task in _keys(models, "zero_shot_dev"):
+            for metric in ("acc", "acc_norm"):
+                if any(metric in m.zero_shot_dev.get(task, {}) for m in models):
+                    rows.append(
+                        _row(f"{task} {metric} (dev)", models,
+                             lambda m, t=task, k=metric: m.zero_shot_dev.get(t, {}).get(k), _percent, _points)
+                    )
         if any(m.speed for m in models):
             rows.append(_row("prefill tokens/s", models, lambda m: (m.speed or {}).get("prefill_tokens_per_s"),
                              _float1, _ratio))
@@ -154,8 +164,15 @@ def _points(dense: float, pruned: float) -> str:
 
 def _notes(models) -> str:
     notes = []
-    if any(m.zero_shot for m in models):
+    if any(m.zero_shot or m.zero_shot_dev for m in models):
         notes.append("Accuracies in %; their change in percentage points.")
+    dev = next((m.zero_shot_dev for m in models if m.zero_shot_dev), None)
+    if dev:
+        rows = ", ".join(f"{task} {metrics['n']}" for task, metrics in dev.items() if task != AVERAGE)
+        notes.append(
+            f"(dev): hfprune's log-likelihood scorer with lm-eval 0.4.13's task definitions on the zeroshot_dev "
+            f"slices ({rows} rows); the acc_norm average counts WinoGrande's acc (it has no acc_norm)."
+        )
     speed = next((m.speed for m in models if m.speed), None)
     if speed:
         notes.append(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .flops import decoder_widths, flops_per_token
+from .multiple_choice import AVERAGE, ZERO_SHOT_DEV_TASKS, evaluate_zero_shot, load_suites
 from .perplexity import perplexity
 from .results import EvaluationReport, ModelEvaluation
 from .speed import SpeedComparison, SpeedResult, measure_speed
@@ -38,9 +39,15 @@ def evaluate_model(
     tail: str = "drop",
     task_dir: str | os.PathLike | None = None,
     zero_shot_limit: int | float | None = None,
+    zero_shot_dev: str | os.PathLike | None = None,
+    zero_shot_dev_tasks: Sequence[str] = ZERO_SHOT_DEV_TASKS,
     progress: bool = False,
 ) -> ModelEvaluation:
-    """Measure one in-memory model. ``speed`` is False, True, or kwargs of ``measure_speed``."""
+    """Measure one in-memory model. ``speed`` is False, True, or kwargs of ``measure_speed``.
+
+    ``zero_shot_dev`` is a ``zeroshot_dev/`` folder: its suites are scored by hfprune's own
+    multiple-choice scorer (``zero_shot_limit`` rows each if given), beside any lm-eval ``tasks``.
+    """
     evaluation = ModelEvaluation(name=name, params=sum(p.numel() for p in model.parameters()))
     try:
         widths = decoder_widths(model)
@@ -59,6 +66,11 @@ def evaluate_model(
         evaluation.zero_shot = zero_shot(
             model, tokenizer, tasks=tasks, batch_size=batch_size, task_dir=task_dir, limit=zero_shot_limit
         )
+    if zero_shot_dev is not None:
+        evaluation.zero_shot_dev = evaluate_zero_shot(
+            model, tokenizer, zero_shot_dev, tasks=zero_shot_dev_tasks, limit=zero_shot_limit, progress=progress
+        )
+        logger.info("%s: zero-shot dev average acc %.4f", name, evaluation.zero_shot_dev[AVERAGE]["acc"])
     if speed:
         evaluation.speed = measure_speed(model, **(speed if isinstance(speed, dict) else {})).to_dict()
     return evaluation
@@ -103,6 +115,8 @@ def run_eval(
     tail: str = "drop",
     task_dir: str | os.PathLike | None = None,
     zero_shot_limit: int | float | None = None,
+    zero_shot_dev: str | os.PathLike | None = None,
+    zero_shot_dev_tasks: Sequence[str] = ZERO_SHOT_DEV_TASKS,
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
@@ -112,12 +126,15 @@ def run_eval(
 
     Defaults follow the pruning papers: WikiText-2 and PTB perplexity at 2048
     tokens and the seven commonsense zero-shot tasks. ``output`` is a JSON
-    path; a markdown table is written beside it (same name, ``.md``).
+    path; a markdown table is written beside it (same name, ``.md``). ``zero_shot_dev``: see
+    :func:`evaluate_model`; its files are checked before any model is loaded.
     """
+    if zero_shot_dev is not None:
+        load_suites(zero_shot_dev, zero_shot_dev_tasks, zero_shot_limit)
     common = dict(
         sources=sources, seq_len=seq_len, tasks=tasks, speed=speed, batch_size=batch_size,
         max_windows=max_windows, tail=tail, task_dir=task_dir, zero_shot_limit=zero_shot_limit,
-        progress=progress,
+        zero_shot_dev=zero_shot_dev, zero_shot_dev_tasks=zero_shot_dev_tasks, progress=progress,
     )
     evaluations = {}
     for role, path in (("dense", baseline), ("pruned", model_path)):
@@ -134,6 +151,8 @@ def run_eval(
     settings["sources"] = [str(source) for source in sources]
     settings["tasks"] = list(tasks)
     settings["task_dir"] = None if task_dir is None else str(task_dir)
+    settings["zero_shot_dev"] = None if zero_shot_dev is None else str(zero_shot_dev)
+    settings["zero_shot_dev_tasks"] = list(zero_shot_dev_tasks)
     report = build_report(evaluations["pruned"], evaluations.get("dense"), settings)
     if output is not None:
         report.save(output)
