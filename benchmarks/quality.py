@@ -105,7 +105,7 @@ SMOKE_BUDGETS = {
 SMOKE_PLAN = {
     "oneshot": dict(methods=("default", "act-taylor", "act-taylor+ls", PEER), sparsities=(0.5,),
                     structures=(MLP, OWN), calibrations=("4x32",)),
-    "budget16": dict(methods=("default", "act-taylor", "act-taylor-global", PEER), sparsities=(0.5,)),
+    "budget16": dict(methods=("default", "act-taylor", "act-taylor-global"), sparsities=(0.5,)),
     "budget200": dict(methods=("default", PEER), sparsities=(0.2, 0.5), zero_shot=True),
 }
 SMOKE_SETTINGS = dict(windows=4, eval_seq_len=32, eval_batch=4, c4_eval_docs=4, c4_train_docs=(4, 40), lora_r=8,
