@@ -11,6 +11,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import common  # noqa: E402
 from qualitybench import report  # noqa: E402
 from qualitybench.runs import RunResult  # noqa: E402
 from qualitybench.specs import (  # noqa: E402
@@ -154,3 +155,53 @@ def test_readme_section_is_replaced_between_its_markers_only():
     assert report.replace_between_markers(new, "new numbers") == new
     with pytest.raises(ValueError, match="marker lines"):
         report.replace_between_markers("# no markers\n", "x")
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_in_loop_evaluation_changes_nothing_the_run_prunes_or_learns(tmp_path, monkeypatch, pause):
+    """Perplexity measured every step (forward passes on held-out text) must not reach the scores, the
+    compensation statistics or the training: the run prunes and learns exactly what it does without it.
+    With the scoring hooks left on (pause=False) the held-out text does reach the scores: the check can fail."""
+    import torch
+
+    from hfprune import PruningTrainer
+    from qualitybench import data, evaluation
+    from qualitybench.runs import training_args
+
+    from .tiny_models import alpaca_records, tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    texts = data.Texts(wiki=["w"], c4_eval=["held out"], c4_train=[f"doc {i} " + "abc " * 9 for i in range(16)],
+                       alpaca=alpaca_records(16))
+    budget = Budget(steps=6, batch_size=2, seq_len=24, pruning_steps=5)
+    held_out = ["zzzz qqqq " * 30]  # text unlike the training text: its statistics would move the scores
+    config = PruningConfig(target_sparsity=0.5, importance="flap", structures=["channels"], prune_every=1,
+                           pruning_steps=5, compensation="least_squares", protected_layers=[0])
+
+    def train(probe):
+        torch.manual_seed(0)
+        model = tiny_model("llama")
+        trainer = PruningTrainer(model=model, args=training_args(budget, 0, tmp_path / f"run{probe is None}"),
+                                 pruning_config=config, peft_config=common.lora_config(4),
+                                 train_dataset=data.training_stream(tokenizer, texts, "c4-first", budget, 0),
+                                 processing_class=tokenizer, max_length=24, callbacks=[probe] if probe else [])
+        if probe is not None:
+            probe.pruning_callback = trainer.pruning_callback
+        trainer.train()
+        with torch.no_grad():
+            logits = trainer.model.eval()(torch.arange(3, 20)[None]).logits
+        return trainer.pruning_callback.removal_masks.state_dict(), logits
+
+    def measure(model):
+        from hfprune.evaluation import perplexity
+
+        return {"wiki": perplexity(model, tokenizer, held_out, seq_len=24).ppl, "seconds": 0.0}
+
+    if not pause:
+        monkeypatch.setattr(evaluation.Probe, "_switches", lambda self: [])
+    probe = evaluation.Probe(measure, every=1)
+    masks, logits = train(probe)
+    plain_masks, plain_logits = train(None)
+    assert len(probe.curve) == 5 and probe.after_pruning
+    same = all(torch.equal(masks[k], plain_masks[k]) for k in plain_masks) and torch.equal(logits, plain_logits)
+    assert same == pause

@@ -98,10 +98,14 @@ class Probe(TrainerCallback):
         callback = self.pruning_callback
         return callback.sparsity().sparsity if callback is not None and callback.structure is not None else None
 
-    def _evaluate(self, model) -> dict:
+    def _switches(self) -> list:
+        """The pruning callback's recorders (hook-based criteria, the compensator's Gram hooks)."""
         callback = self.pruning_callback
-        switches = [s for s in (getattr(callback, "criterion", None), getattr(callback, "compensator", None))
-                    if hasattr(s, "enabled")]
+        return [s for s in (getattr(callback, "criterion", None), getattr(callback, "compensator", None))
+                if hasattr(s, "enabled")]
+
+    def _evaluate(self, model) -> dict:
+        switches = self._switches()
         flags = [s.enabled for s in switches]
         was_training = model.training
         try:

@@ -106,7 +106,7 @@ def zero_shot_table(results: dict) -> Optional[str]:
                 f"{acc / dense_acc:.1%}" if acc is not None and dense_acc else "n/a",
                 run.zero_shot.get("average", {}).get("n", "n/a")]
         rows.append(row)
-    return common.table(headers, rows, "ll" + "r" * (len(headers) - 2))
+    return common.table(headers, rows, "llrlr" + "r" * (len(headers) - 5))
 
 
 def methods_table(methods: dict, used: Iterable[str]) -> str:
