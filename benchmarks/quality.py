@@ -1,10 +1,11 @@
 """Quality of pruned SmolLM2-135M-Instruct: hfprune's methods against Torch-Pruning, budget by budget.
 
-    python benchmarks/quality.py --keep-cache                      # every budget of PLAN, writes results/quality.md
-    python benchmarks/quality.py --budgets oneshot --keep-cache    # run one budget; the report shows every cached run
-    python benchmarks/quality.py --budgets budget16 --methods default act-taylor+ls torch-pruning --keep-cache
-    python benchmarks/quality.py --list                            # the runs of the plan, cached or not; runs nothing
-    python benchmarks/quality.py --smoke                           # tiny random Llama, seconds, temp dir
+    python benchmarks/quality.py                       # every budget of PLAN, writes results/quality.md (+ .json, PNG)
+    python benchmarks/quality.py --budgets oneshot     # run one budget; the report shows every cached run of PLAN
+    python benchmarks/quality.py --budgets budget16 --methods default act-taylor+ls torch-pruning --seeds 0 1
+    python benchmarks/quality.py --list                # the runs, cached or not, with estimated times; runs nothing
+    python benchmarks/quality.py --update-readme       # also rewrite the README's quality section (between markers)
+    python benchmarks/quality.py --smoke               # tiny random Llama, seconds, temp dir
 
 What a run is (the tables below are the place to edit):
 
@@ -29,9 +30,10 @@ Evaluation: perplexity with 128-token windows (no context carried over, as LLM-P
 on. Runs on the 8-bit base are evaluated after recovery on the exported checkpoint (LoRA merged into
 the full-precision weights: what a user ships). LoRA r=8 (alpha 16, dropout 0.05) on the 7 projections.
 
-Finished runs are cached (`--cache`, kept with `--keep-cache`) under a fingerprint of everything their
-numbers depend on (the resolved PruningConfig included): adding runs reruns only what is new, changing
-the package's defaults reruns "default", `--rerun PATTERN` forces runs whose key matches.
+Finished runs are cached (`--cache`, default results/.cache-quality, kept unless `--drop-cache`) under a
+fingerprint of everything their numbers depend on (the resolved PruningConfig included): adding runs reruns
+only what is new, changing the package's defaults reruns "default", `--rerun PATTERN` forces runs whose key
+matches (hfprune's code is not in the fingerprint: after changing a criterion's code, rerun its runs).
 """
 
 from __future__ import annotations
@@ -130,7 +132,9 @@ def parse_args(argv):
                    "(shell pattern, e.g. 'budget16.default.*')")
     p.add_argument("--list", action="store_true", help="print the plan's runs and whether they are cached; run none")
     p.add_argument("--cache", help="directory of finished runs (default <out>/.cache-quality)")
-    p.add_argument("--keep-cache", action="store_true", help="keep the cache after writing the report")
+    # The cache is kept: hours of runs, several invocations (one per budget). --keep-cache is the old spelling.
+    p.add_argument("--keep-cache", action="store_true", help="accepted for old command lines: the cache is kept")
+    p.add_argument("--drop-cache", action="store_true", help="delete the cache after writing the report")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's quality section (between "
                    "its markers) from the results")
     p.add_argument("--readme", default=str(common.ROOT / "README.md"))
@@ -297,7 +301,7 @@ def main(argv=None) -> int:
             results[spec.key] = result
         info["load_average_end"] = common.machine()["load_average"]
         write_report(out, results, missing, methods, budgets, plan, settings, info, extra, args, readme)
-    if not args.keep_cache:
+    if args.drop_cache:
         shutil.rmtree(cache.directory, ignore_errors=True)
     return 0
 
@@ -339,7 +343,7 @@ def write_report(out, results, missing, methods, budgets, plan, settings, info, 
     minutes = sum(r.total_seconds for r in results.values()) / 60
     recipes_json = out / "recipes.json"
     recipes = json.loads(recipes_json.read_text()) if recipes_json.exists() else None
-    section = report.readme_section(results, budgets, targets, "python benchmarks/quality.py --keep-cache", minutes,
+    section = report.readme_section(results, budgets, targets, "python benchmarks/quality.py", minutes,
                                     "benchmarks/results/quality_curves.png" if plot else None, recipes)
     (out / "quality_readme.md").write_text(section)
     data_out = {"settings": settings, "machine": info, "extra": extra, "budgets": {k: asdict(v) for k, v in
@@ -406,7 +410,7 @@ def report_markdown(results, missing, methods, budgets, plan, settings, info, ex
               "machine; see the load averages above."]
     lines += [f"- {r.key}: {r.note}" for r in results.values() if r.note]
     if missing:
-        lines += [f"- Not measured yet (run its budget with --keep-cache): {', '.join(missing)}."]
+        lines += [f"- Not measured yet (in PLAN; run its budget): {', '.join(missing)}."]
     total = sum(r.total_seconds for r in results.values())
     lines += ["", f"Wall time of the runs shown: {total / 60:.1f} min (training "
               f"{sum(r.train_seconds for r in results.values()) / 60:.1f} min, evaluation "
