@@ -210,6 +210,7 @@ def estimate_seconds(spec: RunSpec, methods: dict, budgets: dict, zero_shot: dic
     budget = budgets[spec.budget]
     if budget.one_shot:
         count, length = parse_calibration(spec.calibration)
+        seconds += 40 if spec.method == PEER else 0  # Torch-Pruning builds its dependency graph
         return seconds + 10 + count * length * STEP_SECONDS_PER_TOKEN + EVAL_SECONDS
     tokens = budget.batch_size * budget.seq_len
     teacher = 1.5 if spec.method != PEER and methods[spec.method].get("distillation") is not None else 1.0
