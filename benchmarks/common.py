@@ -173,8 +173,9 @@ def machine() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    load = info.get("load_average")
+    load, end = info.get("load_average"), info.get("load_average_end")
     load = f", load average at start {load[0]:.1f}" if load else ""
+    load += f", at end {end[0]:.1f}" if end else ""  # what else ran meanwhile, for a long benchmark
     return (
         f"{info['date']}; {info['cpu']}, {info['cores']} CPU cores, torch threads {info.get('torch_threads')}{load}; "
         f"torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}, "

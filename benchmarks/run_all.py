@@ -1,6 +1,6 @@
 """Run every benchmark and assemble `benchmarks/RESULTS.md`.
 
-    python benchmarks/run_all.py                      # all four on SmolLM2 (about 1.5 h on 2 busy cores)
+    python benchmarks/run_all.py                      # all of them on SmolLM2 (hours: quality.py has three budgets)
     python benchmarks/run_all.py --only speedup       # some of them; RESULTS.md still shows all
     python benchmarks/run_all.py --assemble-only      # rebuild RESULTS.md from results/*.md, *.json
     python benchmarks/run_all.py --smoke              # every script's --smoke mode, into a temp dir
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SCRIPTS = ("quality", "memory", "overhead", "speedup")
+SCRIPTS = ("quality", "recipes", "memory", "overhead", "speedup")
 # Benchmarks written by other parts of the project; linked from RESULTS.md when present.
 OTHER_RESULTS = {
     "export_memory.md": "peak memory of the streamed export (`benchmarks/export_memory.py`)",
@@ -84,11 +84,10 @@ def _section(markdown: str) -> str:
 
 def target_rows(out: Path) -> list[list[str]]:
     rows = []
-    _, quality = _load(out, "quality")
-    if quality:
-        rows += [["quality", target, measured, result] for target, measured, result in quality.get("targets", [])]
-        rows += [["quality (#7)", target, measured, result]
-                 for target, measured, result in quality.get("small_budget_targets", [])]
+    for name in ("quality", "recipes"):
+        _, data = _load(out, name)
+        if data:
+            rows += [[name, target, measured, result] for target, measured, result in data.get("targets", [])]
     _, memory = _load(out, "memory")
     if memory:
         for name, ratio in memory.get("ratios", {}).items():

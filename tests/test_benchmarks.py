@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-SCRIPTS = ("quality", "memory", "overhead", "speedup")
+SCRIPTS = ("quality", "recipes", "memory", "overhead", "speedup")
 # The committed outputs of these scripts (other benchmarks write beside them; they are not checked here).
 COMMITTED = [BENCHMARKS / "RESULTS.md", BENCHMARKS / "results" / "run_all.json"] + [
     BENCHMARKS / "results" / f"{name}.{ext}" for name in SCRIPTS for ext in ("md", "json")
@@ -57,18 +57,51 @@ def test_smoke_mode_writes_a_report(smoke, name):
     assert data["machine"]["cores"] >= 1
 
 
-def test_quality_smoke_covers_every_method_and_the_peer(smoke):
+def test_quality_smoke_covers_every_budget_method_and_the_peer(smoke):
     out, _, _ = smoke
-    runs = json.loads((out / "quality.json").read_text())["runs"]
-    labels = {run["label"] for run in runs.values()}
-    assert {"dense", "lora", "taylor", "taylor2", "magnitude", "random", "torch-pruning", "lora-channels"} <= labels
-    for run in runs.values():
+    data = json.loads((out / "quality.json").read_text())
+    runs = data["runs"].values()
+    assert {run["budget"] for run in runs} == {"dense", "oneshot", "budget16", "budget200"}
+    for budget, methods in (("oneshot", {"default", "act-taylor", "act-taylor+ls", "torch-pruning"}),
+                            ("budget16", {"default", "act-taylor", "act-taylor-global"}),
+                            ("budget200", {"default", "torch-pruning"})):
+        assert methods <= {run["method"] for run in runs if run["budget"] == budget}, budget
+    one_shot = [run for run in runs if run["budget"] == "oneshot"]
+    assert {run["structures"] for run in one_shot} == {"channels", "heads+channels"}
+    assert all(run["structures"] == "channels" for run in runs if run["method"] == "torch-pruning")
+    for run in runs:
         assert run["after_recovery"]["wiki"] > 0 and run["after_recovery"]["c4"] > 0
-        if run["label"] != "dense":
-            assert run["after_pruning"], f"{run['label']}: no perplexity right after pruning"
+        if run["method"] != "dense":
+            assert run["after_pruning"], f"{run['key']}: no perplexity right after pruning"
             assert abs(run["reached"] - run["sparsity"]) < 0.05, run
-    lora = next(run for run in runs.values() if run["label"] == "lora")
-    assert lora["base"].startswith("8-bit") and lora["evaluated"].startswith("exported")
+            assert run["pruning_seconds"] > 0
+    # The default follows the package: its resolved config is PruningConfig() at the run's point.
+    from hfprune import PruningConfig
+
+    default = next(run for run in runs if run["budget"] == "budget16" and run["method"] == "default")
+    assert default["config"]["importance"] == PruningConfig().importance
+    assert default["base"] == "8bit" and default["evaluated"].startswith("exported")
+    # budget200 evaluates in the loop: a curve from the pruning stage to the last step, and the PNG.
+    curve = next(run for run in runs if run["budget"] == "budget200" and run["method"] == "default")["curve"]
+    assert [p["step"] for p in curve] == [2, 4] and curve[-1]["wiki"] == pytest.approx(
+        next(run for run in runs if run["budget"] == "budget200" and run["method"] == "default")["after_recovery"]["wiki"])
+    assert (out / "quality_curves.png").stat().st_size > 10_000
+    targets = {row[0]: row[2] for row in data["targets"]}
+    assert len(targets) == 7 and all(result in ("met", "**missed**", "n/a") for result in targets.values())
+    assert targets["act-taylor-global beats act-taylor by >= 5% at 50%"] != "n/a"
+    assert "budget200: default beats Torch-Pruning by >= 10% at every sparsity" in targets
+    readme = (out / "quality_readme.md").read_text()
+    assert "`budget200`" in readme and "quality_curves.png" in readme
+
+
+def test_recipes_smoke_runs_a_recipe_through_the_cli(smoke):
+    out, _, _ = smoke
+    data = json.loads((out / "recipes.json").read_text())
+    (row,) = data["rows"]
+    assert row["rc"] == 0 and row["steps"] == 4 and row["wall_seconds"] > 0
+    assert row["wiki"] > 0 and row["c4"] > 0 and data["dense"]["wiki"] > 0
+    assert row["params"] < data["dense"]["params"] and abs(row["reached"] - 0.5) < 0.05
+    assert [t[0] for t in data["targets"]][:1] == ["tiny-quality: <= 1.3x dense perplexity"]
 
 
 def test_run_all_assembles_results_and_never_touches_committed_ones(smoke):
