@@ -350,7 +350,8 @@ class PruningCallback(TrainerCallback):
                 `PruningConfig(uniform=True)`); True: insist; False: the heterogeneous format.
             overwrite: None replaces an earlier hfprune export there and refuses any other non-empty
                 directory; True replaces whatever is there (atomically); False refuses a non-empty one.
-                A directory that holds the run's own `args.output_dir` (its checkpoints) is always refused.
+                A directory that is or holds the run's own non-empty `args.output_dir` (its checkpoints) is
+                refused.
             allow_non_finite: write weights holding NaN / Inf (a diverged run) instead of refusing them.
 
         Returns the checkpoint path (None on processes other than the main one).
@@ -358,7 +359,9 @@ class PruningCallback(TrainerCallback):
         if not trainer.is_world_process_zero():
             return None
         output_dir = Path(output_dir) if output_dir is not None else Path(trainer.args.output_dir) / EXPORT_SUBDIR
-        check_export_dir(output_dir, trainer.args.output_dir)
+        training_dir = Path(trainer.args.output_dir)
+        if training_dir.is_dir() and any(training_dir.iterdir()):  # its checkpoints and logs would be replaced
+            check_export_dir(output_dir, training_dir)
         if overwrite is None:
             overwrite = (output_dir / REPORT_FILE).is_file()
         if uniform is None and self.config.uniform:
