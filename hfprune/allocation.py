@@ -21,6 +21,7 @@ within the per-layer floors (`min_heads`, `min_channels`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -232,7 +233,14 @@ def allocate(
 
 
 def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:
-    """Fail before training if the target cannot be reached within the floors and rounding."""
+    """Fail before training if the target cannot be reached within the floors and rounding.
+
+    Every way a run could silently end far below what was asked and that the config and the model
+    already decide is refused here (the split across layers of a global ranking depends on the scores;
+    its totals do not): a layer the target asks to prune that would lose nothing, floors or rounding
+    that cap a layer (or, with ranking="global", the whole model) short of the target, separate head /
+    channel targets capped the same way. Within rounding: half a rounding step below is fine.
+    """
     if not structure.prunable_layers:
         raise ValueError(
             f"protected_layers={sorted(structure.protected)} protects all {len(structure.layers)} layers: nothing to prune"
@@ -241,18 +249,202 @@ def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:
         shapes = {tuple(layer.widths().values()) for layer in structure.prunable_layers}
         if len(shapes) > 1:
             raise ValueError(f"uniform=True needs identical prunable layers; found widths {sorted(shapes)}")
-    if config.separate_targets or config.ranking == "global":
-        return
+    if config.separate_targets:
+        _check_separate_targets(structure, config)
+    elif config.ranking == "global":
+        _check_global_target(structure, config)
+    else:
+        _check_local_target(structure, config)
+
+
+def _settings(config: PruningConfig) -> str:
+    text = f"structures={config.structures}"
+    if "heads" in config.structures:
+        text += f", head_granularity={config.head_granularity!r}, min_heads={config.min_heads}"
+        if config.round_heads_to > 1:
+            text += f", round_heads_to={config.round_heads_to}"
+    if "channels" in config.structures:
+        text += f", min_channels={config.min_channels}"
+        if config.round_channels_to > 1:
+            text += f", round_channels_to={config.round_channels_to}"
+    return text
+
+
+def _head_capacity(layer: LayerStructure, config: PruningConfig) -> int:
+    """Head units the layer can lose at most (floors, the last unit, rounding)."""
+    return _round_head_units(layer, config, _max_head_units(layer, config))
+
+
+def _channel_capacity(layer: LayerStructure, config: PruningConfig) -> int:
+    return _round_channels(layer, config, _max_channels(layer, config))
+
+
+def _head_limits(layer: LayerStructure, config: PruningConfig) -> str:
+    """Why a layer can lose no head unit, when it cannot; else ""."""
+    if _head_capacity(layer, config):
+        return ""
+    if config.head_granularity == "query_head" and layer.n_rep == 1:
+        return (f"; layer {layer.index} has one query head per KV group ({layer.num_heads} heads, {layer.num_kv_heads} "
+                "KV heads), so head_granularity='query_head' cannot remove any: use head_granularity='kv_group'")
+    if config.head_granularity == "kv_group" and layer.num_kv_heads == 1:
+        return (f"; layer {layer.index} has a single KV group, which is never removed: use "
+                "head_granularity='query_head'")
+    return f"; layer {layer.index} keeps all {layer.num_heads} query heads under these floors and rounding"
+
+
+def _channel_limits(layer: LayerStructure, config: PruningConfig) -> str:
+    if _channel_capacity(layer, config):
+        return ""
+    if config.round_channels_to >= layer.intermediate_size:
+        return (f"; round_channels_to={config.round_channels_to} is not below layer {layer.index}'s "
+                f"{layer.intermediate_size} MLP channels, so rounding keeps them all: use a smaller multiple")
+    return f"; layer {layer.index} keeps all {layer.intermediate_size} MLP channels under these floors and rounding"
+
+
+def _limits(layer: LayerStructure, config: PruningConfig) -> str:
+    heads = _head_limits(layer, config) if "heads" in config.structures else ""
+    channels = _channel_limits(layer, config) if "channels" in config.structures else ""
+    return heads + channels
+
+
+def _rounding_tolerance(layer: LayerStructure, config: PruningConfig) -> float:
+    """Parameters a layer may fall short by from rounding alone: half of its finest removal step."""
+    if "channels" in config.structures:
+        return layer.params_per_channel * (config.round_channels_to + 1) / 2
+    _, _, unit_params = _head_unit(layer, config.head_granularity)
+    return unit_params / 2
+
+
+def _check_local_target(structure: ModelStructure, config: PruningConfig) -> None:
     for layer in structure.prunable_layers:
         plan = _final_local_plan(layer, config)
         _, _, unit_params = _head_unit(layer, config.head_granularity)
+        params = layer.attention_params + layer.mlp_params
         reached = plan.head_units * unit_params + plan.channels * layer.params_per_channel
-        wanted = config.target_sparsity * (layer.attention_params + layer.mlp_params)
-        slack = max(unit_params if "channels" not in config.structures else 0, layer.params_per_channel * config.round_channels_to)
-        if reached + slack < wanted:
+        wanted = config.target_sparsity * params
+        if wanted > 0 and reached == 0 and "channels" not in config.structures and _head_capacity(layer, config):
+            raise ValueError(
+                f"target_sparsity={config.target_sparsity} with structures={config.structures}: one head unit "
+                f"({config.head_granularity}) is {unit_params / params:.3f} of layer {layer.index}'s parameters, so "
+                "the target rounds to none and nothing would be removed; ask for at least "
+                f"{unit_params / params / 2:.3f} (half a unit), use a finer head_granularity, or add 'channels'"
+            )
+        if wanted - reached > _rounding_tolerance(layer, config) or (wanted > 0 and reached == 0):
             raise ValueError(
                 f"target_sparsity={config.target_sparsity}: layer {layer.index} can give up at most "
-                f"{reached / (layer.attention_params + layer.mlp_params):.3f} of its parameters with "
-                f"structures={config.structures}, min_heads={config.min_heads}, min_channels={config.min_channels}; "
+                f"{reached / params:.3f} of its parameters with {_settings(config)}{_limits(layer, config)}; "
                 "lower the target, allow more structures or lower the floors"
             )
+
+
+def _check_global_target(structure: ModelStructure, config: PruningConfig) -> None:
+    """A global ranking splits the budget by score, but never past any layer's floors: the floors bound the total.
+    It takes whole units while they fit the budget, so heads alone reach it to within one unit."""
+    layers = structure.prunable_layers
+    prunable = sum(layer.attention_params + layer.mlp_params for layer in layers)
+    wanted = config.target_sparsity * prunable
+    capacity = 0
+    for layer in layers:
+        if "heads" in config.structures:
+            capacity += _head_capacity(layer, config) * _head_unit(layer, config.head_granularity)[2]
+        if "channels" in config.structures:
+            capacity += _channel_capacity(layer, config) * layer.params_per_channel
+    if "channels" in config.structures:
+        step = max(_rounding_tolerance(layer, config) for layer in layers)
+        reachable = capacity
+    else:
+        step = min(_head_unit(layer, config.head_granularity)[2] for layer in layers)
+        reachable = min(capacity, math.floor(wanted / step + 1e-9) * step)
+    if wanted > 0 and reachable == 0 and capacity > 0:
+        raise ValueError(
+            f"target_sparsity={config.target_sparsity} with ranking='global' and structures={config.structures}: "
+            f"one head unit ({config.head_granularity}) is {step / prunable:.4f} of the prunable parameters, more than "
+            f"the target, so nothing would be removed; ask for at least {step / prunable:.4f}, use a finer "
+            "head_granularity, or add 'channels'"
+        )
+    if wanted - reachable > step or (wanted > 0 and capacity == 0):
+        limits = next((found for found in (_limits(layer, config) for layer in layers) if found), "")
+        raise ValueError(
+            f"target_sparsity={config.target_sparsity} with ranking='global': the prunable layers can give up at "
+            f"most {capacity / prunable:.3f} of their parameters together with {_settings(config)}{limits}; lower "
+            "the target, allow more structures or lower the floors"
+        )
+
+
+def _check_separate_targets(structure: ModelStructure, config: PruningConfig) -> None:
+    """head_sparsity / channel_sparsity: each structure type reaches its own target in every layer (local) or
+    in total (global)."""
+    layers = structure.prunable_layers
+    checks = []
+    if "heads" in config.structures and config.head_sparsity:
+        checks.append(("head_sparsity", config.head_sparsity, "query heads"))
+    if "channels" in config.structures and config.channel_sparsity:
+        checks.append(("channel_sparsity", config.channel_sparsity, "MLP channels"))
+    for name, asked, kind in checks:
+        heads = name == "head_sparsity"
+        if config.ranking == "global":
+            units = sum(_head_unit(l, config.head_granularity)[0] if heads else l.intermediate_size for l in layers)
+            capacity = sum(_head_capacity(l, config) if heads else _channel_capacity(l, config) for l in layers)
+            if asked * units - capacity > (0.5 if heads else (config.round_channels_to + 1) / 2) or capacity == 0:
+                limiting = _head_limits if heads else _channel_limits
+                limits = next((found for found in (limiting(l, config) for l in layers) if found), "")
+                raise ValueError(
+                    f"{name}={asked} with ranking='global': the prunable layers can give up at most "
+                    f"{capacity / units:.3f} of their {kind} together with {_settings(config)}{limits}; lower "
+                    f"{name} or the floors"
+                )
+            continue
+        for layer in layers:
+            plan = _final_local_plan(layer, config)
+            units = _head_unit(layer, config.head_granularity)[0] if heads else layer.intermediate_size
+            removed = plan.head_units if heads else plan.channels
+            capacity = _head_capacity(layer, config) if heads else _channel_capacity(layer, config)
+            half_step = 0.5 if heads else (config.round_channels_to + 1) / 2
+            if removed == 0 and capacity > 0:
+                raise ValueError(
+                    f"{name}={asked}: rounds down to no {kind} in layer {layer.index} (one "
+                    f"{config.head_granularity + ' unit' if heads else 'channel'} is {1 / units:.3f} of them); ask for "
+                    f"at least {1 / units:.3f}" + (", or use a finer head_granularity" if heads else "")
+                )
+            if asked * units - removed > half_step or removed == 0:
+                limits = (_head_limits if heads else _channel_limits)(layer, config)
+                unit = (f"; one {config.head_granularity} unit is {1 / units:.3f} of its query heads, and the "
+                        "reachable fractions are its multiples") if heads and not limits else ""
+                raise ValueError(
+                    f"{name}={asked}: layer {layer.index} can give up at most {removed / units:.3f} of its {kind} "
+                    f"with {_settings(config)}{limits or unit}; lower {name} or the floors"
+                )
+
+
+def target_fraction(structure: ModelStructure, config: PruningConfig) -> float:
+    """The target as a fraction of the prunable parameters (derived when heads/channels have their own)."""
+    if not config.separate_targets:
+        return config.target_sparsity
+    wanted = 0.0
+    for layer in structure.prunable_layers:
+        if "heads" in config.structures:
+            wanted += (config.head_sparsity or 0.0) * layer.attention_params
+        if "channels" in config.structures:
+            wanted += (config.channel_sparsity or 0.0) * layer.mlp_params
+    return wanted / max(1, structure.prunable_params())
+
+
+def shortfall(structure: ModelStructure, masks: PruningMasks, config: PruningConfig) -> Optional[str]:
+    """A warning when the final `masks` remove clearly less than `config` asks of `structure` (more than
+    rounding explains), else None. `check_feasible` refuses what the config decides up front; this catches
+    what only the scores decide (how a global ranking splits the budget)."""
+    from .sparsity import removed_params
+
+    prunable = structure.prunable_params()
+    reached = removed_params(structure, masks)
+    target = target_fraction(structure, config)
+    tolerance = sum(_rounding_tolerance(layer, config) for layer in structure.prunable_layers)
+    if "channels" not in config.structures:
+        tolerance += max(_head_unit(layer, config.head_granularity)[2] for layer in structure.prunable_layers)
+    if target * prunable - reached <= tolerance:
+        return None
+    return (
+        f"reached sparsity {reached / max(1, prunable):.4f} of the prunable parameters is short of the target "
+        f"{target:.4f} by more than rounding explains ({_settings(config)}, ranking={config.ranking!r}): too few "
+        "groups were removable within the floors; lower the target or the floors"
+    )

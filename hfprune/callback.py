@@ -34,9 +34,10 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .allocation import allocate, check_feasible
-from .atomic import save_safetensors_atomic
+from .allocation import allocate, check_feasible, shortfall
+from .atomic import check_export_dir, save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
+from .checkpoints import STATE_FILE, last_complete_checkpoint
 from .config import PruningConfig
 from .compensator import CompensationRecord, make_compensator
 from .importance import make_accumulator, make_criterion, score_model
@@ -50,7 +51,6 @@ from .surgery import remove_pruned_groups, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "pruning_state.safetensors"
 EXPORT_SUBDIR = "pruned"  # the pruned checkpoint goes to <args.output_dir>/pruned by default
 
 
@@ -86,6 +86,7 @@ class PruningCallback(TrainerCallback):
         self.schedule: Optional[PruningSchedule] = None
         self.hooks: Optional[MaskHooks] = None
         self.history: list[dict] = []
+        self.warnings: list[str] = []  # what fell short of what was asked, for the report and the card
         self.pending_logs: dict[str, float] = {}
         self.resume_dir: Optional[str] = None  # set by PruningTrainer when resuming from an explicit path
         # The unpruned checkpoint the export re-reads frozen weights from (default: the model config's name_or_path).
@@ -93,6 +94,7 @@ class PruningCallback(TrainerCallback):
         # Fields for pruning_report.json that only the caller knows, e.g. {"datasets": ["tatsu-lab/alpaca"]}.
         self.report_metadata: dict = {}
         self.allow_physical_removal = True
+        self._skipped_step: Optional[int] = None
         self._original_prunable = 0
         self._original_total = 0
         self._model = None
@@ -122,6 +124,7 @@ class PruningCallback(TrainerCallback):
             "config": json.dumps(self.config.to_dict()),
             "physically_pruned": json.dumps(self.physically_pruned),
             "history": json.dumps(self.history),
+            "warnings": json.dumps(self.warnings),
             "original_prunable": str(self._original_prunable),
             "original_total": str(self._original_total),
         }
@@ -154,9 +157,19 @@ class PruningCallback(TrainerCallback):
 
     def _restore(self, directory: str) -> None:
         state = self.read_state(directory)
+        if state is None and not os.path.isdir(directory):
+            raise ValueError(
+                f"resuming a pruning run: its state is looked for in {directory!r}, which does not exist; set "
+                "callback.resume_dir to the checkpoint the Trainer resumes from"
+            )
         if state is None:
-            logger.warning("resuming from %s, which has no %s: pruning starts afresh", directory, STATE_FILE)
-            return
+            # Starting afresh would prune a model whose training had moved on: other masks than the run's.
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(directory)))
+            instead = f"resume from {str(last)!r}, the newest complete one" if last else "start afresh"
+            raise ValueError(
+                f"resuming from {directory!r}, which has no {STATE_FILE}: it is not a complete checkpoint of "
+                f"this pruning run (killed while it was written?); {instead}, or delete it"
+            )
         tensors, metadata = state
         self.accumulator.load_state_dict(tensors)
         self.masks = PruningMasks.from_state_dict({k: v for k, v in tensors.items() if k.startswith("masks.")})
@@ -167,6 +180,7 @@ class PruningCallback(TrainerCallback):
         if self.compensator is not None:
             self.compensator.record = CompensationRecord.from_state_dict(tensors)
         self.history = json.loads(metadata.get("history", "[]"))
+        self.warnings = json.loads(metadata.get("warnings", "[]"))
         self._original_prunable = int(metadata.get("original_prunable", self._original_prunable))
         self._original_total = int(metadata.get("original_total", self._original_total))
 
@@ -225,11 +239,30 @@ class PruningCallback(TrainerCallback):
         skipped = self.accumulator.num_skipped
         if not score_model(self.structure, self.criterion, self.accumulator) and self.accumulator.num_skipped > skipped:
             logger.warning("step %d: non-finite importance scores, step skipped", state.global_step + 1)
+            self._skipped_step = state.global_step + 1
+
+    def _stop_if_diverged(self, model, step: int) -> None:
+        """After a step whose scores were not finite: if the optimizer step made the weights NaN / Inf (a NaN
+        loss gives NaN gradients; only a loss scaler skips such a step), every later score is NaN and the masks
+        would be chosen from stale scores. Stop, naming the step, instead of pruning on."""
+        if self._skipped_step != step:
+            return
+        self._skipped_step = None
+        bad = [name for name, p in model.named_parameters()
+               if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise RuntimeError(
+                f"step {step}: the loss or the gradients were not finite, and the optimizer step made {len(bad)} "
+                f"trainable tensors NaN / Inf (e.g. {bad[0]}): the training diverged, so pruning stops here rather "
+                "than choose groups from stale scores. Resume from the last checkpoint with a lower learning_rate, "
+                "max_grad_norm, or bf16 instead of fp16"
+            )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.structure is None or self.physically_pruned:
             return
         step = state.global_step
+        self._stop_if_diverged(model if model is not None else self._model, step)
         if step <= self.schedule.total_steps and self.schedule.is_update_step(step):
             self._update_masks(step)
             control.should_log = True
@@ -290,6 +323,7 @@ class PruningCallback(TrainerCallback):
             optimizer_steps=state.global_step if state is not None else None,
             train_examples=len(dataset) if hasattr(dataset, "__len__") else None,
             history=list(self.history),
+            warnings=list(self.warnings) or None,
         )
         return report.update(self.report_metadata)
 
@@ -302,6 +336,7 @@ class PruningCallback(TrainerCallback):
         max_shard_size: Any = "5GB",
         uniform: Optional[bool] = None,
         overwrite: Optional[bool] = None,
+        allow_non_finite: bool = False,
     ) -> Optional[Path]:
         """Write the pruned checkpoint of `trainer` (any Trainer this callback ran in, e.g. trl's SFTTrainer):
         weights physically pruned with LoRA merged (`hfprune.save_pruned`), tokenizer, the full
@@ -315,12 +350,18 @@ class PruningCallback(TrainerCallback):
                 `PruningConfig(uniform=True)`); True: insist; False: the heterogeneous format.
             overwrite: None replaces an earlier hfprune export there and refuses any other non-empty
                 directory; True replaces whatever is there (atomically); False refuses a non-empty one.
+                A directory that is or holds the run's own non-empty `args.output_dir` (its checkpoints) is
+                refused.
+            allow_non_finite: write weights holding NaN / Inf (a diverged run) instead of refusing them.
 
         Returns the checkpoint path (None on processes other than the main one).
         """
         if not trainer.is_world_process_zero():
             return None
         output_dir = Path(output_dir) if output_dir is not None else Path(trainer.args.output_dir) / EXPORT_SUBDIR
+        training_dir = Path(trainer.args.output_dir)
+        if training_dir.is_dir() and any(training_dir.iterdir()):  # its checkpoints and logs would be replaced
+            check_export_dir(output_dir, training_dir)
         if overwrite is None:
             overwrite = (output_dir / REPORT_FILE).is_file()
         if uniform is None and self.config.uniform:
@@ -342,6 +383,7 @@ class PruningCallback(TrainerCallback):
             overwrite=overwrite,
             max_shard_size=max_shard_size,
             uniform=uniform,
+            allow_non_finite=allow_non_finite,
         )
 
     @staticmethod
@@ -388,6 +430,11 @@ class PruningCallback(TrainerCallback):
             raise RuntimeError(f"step {step}, mask update: {error}; or start masking later "
                                f"(warmup_ratio={self.config.warmup_ratio})") from None
         masks = self._synchronise(allocate(self.structure, scores, self.config, progress, previous=self.masks))
+        if progress >= 1.0:
+            short = shortfall(self.structure, masks, self.config)
+            if short is not None and short not in self.warnings:
+                logger.warning("step %d: %s", step, short)
+                self.warnings.append(short)
         if self.compensator is not None:
             self.compensator.apply(self.structure, self.masks, masks)
         self.masks = masks

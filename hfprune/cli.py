@@ -269,11 +269,13 @@ def _cmd_plan(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import run_eval
     from .evaluation.multiple_choice import ZERO_SHOT_DEV_TASKS
+    from .model_source import check_model_source
 
     if not args.ppl_source and not args.tasks and not args.zero_shot_dev and not args.speed:
         raise ValueError("nothing to measure: give --ppl-source SOURCE, --tasks TASK ..., --zero-shot-dev DIR or --speed")
-    for path in (args.model, args.baseline):
-        _refuse_pickles(path)
+    check_model_source(args.model, "MODEL")
+    if args.baseline:
+        check_model_source(args.baseline, "--baseline")
     speed = False
     if args.speed:
         speed = {"prompt_len": args.speed_prompt_len, "new_tokens": args.speed_new_tokens,
@@ -311,6 +313,9 @@ def _own_report_file(path: str) -> Optional[str]:
 
 
 def _cmd_push(args) -> int:
+    from .atomic import recover_directory
+
+    recover_directory(args.directory)  # an export killed half-way: finished or rolled back first
     if not os.path.isdir(args.directory):
         raise FileNotFoundError(f"{args.directory!r}: no such checkpoint directory")
     _refuse_pickles(args.directory)
@@ -326,8 +331,10 @@ def _cmd_push(args) -> int:
 def _cmd_export(args) -> int:
     if args.to not in EXPORT_FORMATS:
         raise ValueError(f"--to {args.to!r}: unknown format; available: {', '.join(EXPORT_FORMATS)}")
+    from .atomic import recover_directory
     from .export import export_gguf
 
+    recover_directory(args.checkpoint)  # an export killed half-way: finished or rolled back first
     output = args.output or f"{os.path.normpath(args.checkpoint)}-{args.outtype}.gguf"
     path = export_gguf(args.checkpoint, output, outtype=args.outtype, tokenizer_from=args.tokenizer_from,
                        overwrite=args.overwrite)
@@ -397,7 +404,7 @@ def _positive_int(text: str) -> int:
 def _refuse_pickles(path: Optional[str]) -> None:
     """A local checkpoint holding pickles is refused before anything is loaded from it."""
     if path and os.path.isdir(path):
-        from .export.safety import check_no_pickles
+        from .model_source import check_no_pickles
 
         check_no_pickles(path)
 

@@ -90,6 +90,33 @@ def tokenize_record(record: dict, tokenizer, fmt: str, max_length: int, train_on
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def check_records(dataset, what: str = "dataset") -> str:
+    """The format of a data set, checked before anything expensive: it must have records and the columns of a
+    known format. Returns the format name; ValueError naming `what` otherwise."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        raise TypeError(f"{what} is a {type(dataset).__name__}: expected a datasets.Dataset (e.g. "
+                        "datasets.Dataset.from_list(records)) of alpaca, chat, text or tokenised records")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{what} is empty (0 records, columns {list(columns)}): give at least one record")
+    try:
+        return detect_format(columns)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
+def longest_sequence(dataset) -> int:
+    """Tokens in the longest `input_ids` of a tokenised data set (0 when it cannot tell, e.g. streamed)."""
+    if not hasattr(dataset, "__len__") or "input_ids" not in (getattr(dataset, "column_names", None) or ()):
+        return 0
+    import pyarrow.compute as pc
+
+    if len(dataset) == 0:
+        return 0
+    column = dataset.with_format("arrow")["input_ids"]  # the rows of this view, without copying to Python
+    return int(pc.max(pc.list_value_length(column)).as_py() or 0)
+
+
 def prepare_dataset(dataset, tokenizer, max_length: int = 512, train_on_prompt: bool = False, num_proc=None):
     """Tokenise a `datasets.Dataset` of alpaca / chat / text records (tokenised ones pass through)."""
     if max_length < 2:
@@ -114,7 +141,18 @@ def load_records(source: str, split: str = "train"):
 
     if os.path.exists(source):
         if source.endswith((".json", ".jsonl")):
-            return datasets.load_dataset("json", data_files=source, split="train")
+            with open(source, "rb") as handle:
+                if not handle.read(1 << 16).strip():  # the json loader fails on an empty file with StopIteration
+                    raise ValueError(f"data file {source!r} is empty: no records")
+            try:
+                records = datasets.load_dataset("json", data_files=source, split="train")
+            except (StopIteration, ValueError) as error:
+                if "corresponds to no data" not in str(error) and not isinstance(error, StopIteration):
+                    raise
+                raise ValueError(f"data file {source!r} holds no records") from None
+            if len(records) == 0:
+                raise ValueError(f"data file {source!r} holds no records")
+            return records
         if source.endswith(".txt"):
             with open(source, encoding="utf-8") as handle:
                 lines = [line.strip() for line in handle if line.strip()]

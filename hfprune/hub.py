@@ -20,15 +20,17 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from .atomic import recover_directory, write_bytes_atomic
+from .model_source import PICKLE_SUFFIXES
 from .model_card import (
-    CARD_FILE, CHART_FILE, REPORT_FILE, generated_for, load_report, refresh_model_card, width_chart, write_model_card,
+    CARD_FILE, CHART_FILE, REPORT_FILE, card_files, card_metadata, generated_for, load_report, width_chart_png,
+    write_card_files,
 )
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Never uploaded: hidden files (atomic-write leftovers, .git, .cache), bytecode, and what a Trainer
 # leaves in its output_dir besides the model (checkpoints, TensorBoard runs).
 IGNORED = (".*", "__pycache__", "*.pyc", "checkpoint-*", "runs")
@@ -63,7 +65,7 @@ def checkpoint_files(checkpoint_dir: PathLike) -> list[str]:
         PickleCheckpointError (a ValueError): the directory holds pickle files (`*.bin`, `*.pt`, ...).
         ValueError: config.json, pruning_report.json or a safetensors index is not valid JSON.
     """
-    from .export.safety import PickleCheckpointError
+    from .model_source import PickleCheckpointError
 
     root = Path(checkpoint_dir)
     if not root.is_dir():
@@ -147,12 +149,14 @@ def push_pruned(
 ):
     """Upload the pruned checkpoint in `checkpoint_dir` to `repo_id` in a single commit.
 
-    The directory is validated first (see `checkpoint_files`), before any network call. Then the
-    model card (README.md) and the width chart are written into it, unless it already has a card:
+    The directory is validated first (see `checkpoint_files`), before any network call. The model
+    card (README.md) and the width chart go up with the checkpoint, unless it already has a card:
     a user's card is kept, and so is one hfprune wrote for this repo id (e.g. by
     `write_model_card(..., metadata=...)`); one hfprune wrote for another repo id, or none, is
-    rewritten so its loading snippets name this repo. The repository is created if needed
-    (`private` applies only then); `revision` is created as a branch from main if it does not exist.
+    rendered again so its loading snippets name this repo. That card is rendered into the upload, and
+    written into the directory only once the commit has succeeded: a failed push leaves the directory
+    as it was. The repository is created if needed (`private` applies only then); `revision` is
+    created as a branch from main if it does not exist.
 
     Args:
         token: a write token; default: `HF_TOKEN` or the one stored by `hf auth login`.
@@ -171,15 +175,16 @@ def push_pruned(
     if not isinstance(repo_id, str) or not repo_id.strip("/ "):
         raise ValueError(f"repo_id={repo_id!r}: expected 'namespace/name' (or 'name' for your own namespace)")
     root = Path(checkpoint_dir)
-    checkpoint_files(root)  # before anything is written or sent
+    recover_directory(root)  # an export killed half-way: finished or rolled back first
+    checkpoint_files(root)  # before anything is sent
 
     api = HfApi(token=token)
     stale: list[str] = []
     try:
         if "/" not in repo_id:  # "name" -> "user/name", as create_repo would do
             repo_id = f"{api.whoami()['name']}/{repo_id}"
-        _ensure_model_card(root, repo_id)
-        files = checkpoint_files(root)
+        rendered = _rendered_card(root, repo_id)
+        files = sorted(set(checkpoint_files(root)) | set(rendered))
         report = load_report(root)
         # Ask first: creating an existing repo is a 409 whose handling differs between Hub versions.
         if not api.repo_exists(repo_id):
@@ -193,7 +198,8 @@ def push_pruned(
         stale = sorted(
             f for f in remote if f not in files and any(fnmatch.fnmatchcase(f, p) for p in STALE_PATTERNS)
         )
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(root / f)) for f in files]
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=rendered.get(f) or str(root / f))
+                      for f in files]
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
         commit = api.create_commit(
             repo_id,
@@ -206,6 +212,9 @@ def push_pruned(
     except HfHubHTTPError as error:
         raise _push_error(error, repo_id, revision) from error
     except Exception as error:
+        upload = _upload_error(error, repo_id)
+        if upload is not None:
+            raise upload from error
         if _is_network_error(error):
             from huggingface_hub import constants
 
@@ -217,19 +226,30 @@ def push_pruned(
             ) from error
         raise
     logger.info("pushed %s (%d files; %d stale files deleted) to %s", root, len(files), len(stale), commit)
+    try:  # the directory now shows the card the repository has
+        if CARD_FILE in rendered:
+            write_card_files(root, rendered)
+        elif CHART_FILE in rendered:
+            write_bytes_atomic(root / CHART_FILE, rendered[CHART_FILE])
+    except OSError as error:
+        logger.warning("pushed, but the card could not be written into %s: %s", root, error)
     return commit
 
 
-def _ensure_model_card(root: Path, repo_id: str) -> None:
+def _rendered_card(root: Path, repo_id: str) -> dict[str, bytes]:
+    """The card files the push uploads in place of the directory's own (see `push_pruned`), in memory."""
     card = root / CARD_FILE
     written_for = generated_for(card)
     if not card.is_file():
-        write_model_card(root, repo_id=repo_id)
-    elif written_for is not None and written_for != repo_id:
-        refresh_model_card(root, repo_id=repo_id)  # its snippets name this repo; a caller's metadata is kept
-    elif f"({CHART_FILE})" in card.read_text(encoding="utf-8", errors="replace") and not (root / CHART_FILE).is_file():
+        return card_files(root, repo_id=repo_id)
+    if written_for is not None and written_for != repo_id:
+        # Its snippets name this repo; a caller's metadata is kept.
+        return card_files(root, repo_id=repo_id, metadata=card_metadata(card))
+    if f"({CHART_FILE})" in card.read_text(encoding="utf-8", errors="replace") and not (root / CHART_FILE).is_file():
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        width_chart(load_report(root), root / CHART_FILE, config)
+        chart = width_chart_png(load_report(root), config)
+        return {CHART_FILE: chart} if chart is not None else {}
+    return {}
 
 
 def default_commit_message(report: dict) -> str:
@@ -294,6 +314,24 @@ def _push_error(error, repo_id: str, revision: Optional[str]) -> HubPushError:
         message = f"{head} (HTTP {status}): {error}"
         detail = ""
     return HubPushError(message + detail, repo_id=repo_id, status=status)
+
+
+def _upload_error(error: BaseException, repo_id: str) -> Optional[HubPushError]:
+    """huggingface_hub reports a failed LFS upload (after its retries) as a bare RuntimeError("Error while
+    uploading 'FILE' to the Hub.") whose cause is the HTTP or network error: name the repo and the cause."""
+    if not (isinstance(error, RuntimeError) and str(error).startswith("Error while uploading")):
+        return None
+    cause = error.__cause__ or error.__context__
+    response = getattr(cause, "response", None)
+    status = getattr(response, "status_code", None)
+    what = str(error).removeprefix("Error while uploading ").removesuffix(" to the Hub.")
+    reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else "no cause given"
+    return HubPushError(
+        f"pushing to {repo_id!r} failed while uploading {what} to the Hub's file storage (Git LFS): {reason}. "
+        "Nothing was committed: the repository is unchanged; retry later, or check the connection to the Hub's "
+        "storage",
+        repo_id=repo_id, status=status,
+    )
 
 
 def _is_network_error(error: BaseException) -> bool:

@@ -58,10 +58,14 @@ class JobInputs:
 
 def check_outputs(recipe: Recipe) -> Any:
     """Refuse to clobber an earlier result; return what `train(resume_from_checkpoint=...)` gets."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from .atomic import check_export_dir
+    from .checkpoints import checkpoint_problem, checkpoints, incomplete_checkpoints, last_complete_checkpoint
 
     overwrite = recipe.export.overwrite
     export_dir = Path(recipe.export.output_dir)
+    training_dir = recipe.training.output_dir
+    # First: with overwrite the export would delete the checkpoints, without it fail after training.
+    check_export_dir(export_dir, training_dir, "export.output_dir", "training.output_dir")
     if export_dir.exists() and not export_dir.is_dir():
         raise FileExistsError(f"export.output_dir={str(export_dir)!r} exists and is not a directory")
     if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
@@ -69,22 +73,30 @@ def check_outputs(recipe: Recipe) -> Any:
             f"export.output_dir={str(export_dir)!r} exists and is not empty; pass export.overwrite=true to replace "
             "it, or choose another directory"
         )
-    training_dir = recipe.training.output_dir
-    last = get_last_checkpoint(training_dir) if training_dir and os.path.isdir(training_dir) else None
+    found = checkpoints(training_dir) if training_dir else []
     resume = recipe.training.resume_from_checkpoint
     if resume == "last":
-        if last is None:
+        if last_complete_checkpoint(training_dir) is None:
+            skipped = "; ".join(f"{p.name}: {why}" for p, why in incomplete_checkpoints(training_dir).items())
             raise FileNotFoundError(
-                f"training.resume_from_checkpoint=last, but training.output_dir={training_dir!r} holds no checkpoint"
+                f"training.resume_from_checkpoint=last, but training.output_dir={training_dir!r} holds no complete "
+                "checkpoint" + (f" ({skipped})" if skipped else "")
             )
         return True
     if resume is not None:
         if not os.path.isdir(resume):
             raise FileNotFoundError(f"training.resume_from_checkpoint={resume!r}: no such checkpoint directory")
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume)))
+            raise ValueError(
+                f"training.resume_from_checkpoint={resume!r} is not a complete checkpoint: {problem} (killed while "
+                "writing it?); " + (f"resume from {str(last)!r}" if last else "no complete checkpoint is beside it")
+            )
         return resume
-    if last is not None and not overwrite:
+    if found and not overwrite:
         raise FileExistsError(
-            f"training.output_dir={training_dir!r} holds checkpoints of an earlier run ({os.path.basename(last)}); "
+            f"training.output_dir={training_dir!r} holds checkpoints of an earlier run ({found[0].name}); "
             "resume it with training.resume_from_checkpoint=last, or pass export.overwrite=true to start over"
         )
     return None
@@ -205,6 +217,7 @@ def check(recipe: Recipe, log: Log = _print) -> JobInputs:
     """Step 1: every check that needs no model weights; raises before anything expensive happens."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .model_source import check_model_source
     from .plan import dry_run, steps_for
 
     if not recipe.data.train:
@@ -215,11 +228,7 @@ def check(recipe: Recipe, log: Log = _print) -> JobInputs:
 
     model = recipe.model
     hub_kwargs = {"revision": model.revision} if model.revision else {}
-    model_path = model.name_or_path
-    if os.path.isdir(model_path):
-        from .export.safety import check_no_pickles
-
-        check_no_pickles(model_path)
+    model_path = check_model_source(model.name_or_path, "model.name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model.trust_remote_code, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -228,6 +228,12 @@ def width_chart(report: dict, path: PathLike, config: Optional[dict] = None) -> 
     widths or matplotlib is not installed (`pip install hfprune[plot]`). The file is written
     atomically and is byte-for-byte deterministic for a given report and matplotlib version.
     """
+    png = width_chart_png(report, config, name=Path(path).name)
+    return write_bytes_atomic(path, png) if png is not None else None
+
+
+def width_chart_png(report: dict, config: Optional[dict] = None, name: str = CHART_FILE) -> Optional[bytes]:
+    """The bytes `width_chart` writes (None when it would write nothing)."""
     rows = [row for row in layer_widths(report, config) if any(row.fraction(i) is not None for i in range(3))]
     if not rows:
         return None
@@ -236,7 +242,7 @@ def width_chart(report: dict, path: PathLike, config: Optional[dict] = None) -> 
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator, PercentFormatter
     except ImportError:
-        logger.warning("matplotlib is not installed: no %s (pip install 'hfprune[plot]')", Path(path).name)
+        logger.warning("matplotlib is not installed: no %s (pip install 'hfprune[plot]')", name)
         return None
 
     def values(i: int) -> list[float]:
@@ -271,7 +277,7 @@ def width_chart(report: dict, path: PathLike, config: Optional[dict] = None) -> 
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})  # no version chunk: bytes = drawing
-    return write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _chart_title(report: dict) -> str:
@@ -295,6 +301,7 @@ def build_model_card(
     evaluation: Any = None,
     metadata: Optional[dict] = None,
     model_name: Optional[str] = None,
+    chart: Optional[bool] = None,
 ) -> ModelCard:
     """The model card of the pruned checkpoint in `checkpoint_dir` (nothing is written).
 
@@ -305,6 +312,7 @@ def build_model_card(
             language, tags, datasets); it wins over what is derived, except `tags` and `datasets`,
             which are added to the derived ones.
         model_name: the card's title (default: the repo name, else the directory's name).
+        chart: whether the card shows pruned_widths.png (default: when the directory has it).
     """
     checkpoint_dir = Path(checkpoint_dir)
     report = load_report(checkpoint_dir)
@@ -348,9 +356,43 @@ def build_model_card(
         setattr(data, key, value)
     if data.base_model and not getattr(data, "base_model_relation", None):
         data.base_model_relation = "finetune"
+    if chart is None:
+        chart = (checkpoint_dir / CHART_FILE).is_file()
     context = _context(checkpoint_dir, report, config, evaluation, repo_id, model_name, base_model, base_name,
-                       criterion, data, inherited)
+                       criterion, data, inherited, chart)
     return ModelCard.from_template(data, template_path=str(TEMPLATE), **context)
+
+
+def card_files(
+    checkpoint_dir: PathLike,
+    repo_id: Optional[str] = None,
+    evaluation: Any = None,
+    metadata: Optional[dict] = None,
+    model_name: Optional[str] = None,
+) -> dict[str, bytes]:
+    """README.md and pruned_widths.png (when the report has per-layer widths) as `write_model_card`
+    writes them, in memory: {file name: bytes}. `push_pruned` uploads these without touching the directory."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint_dir={str(checkpoint_dir)!r} is not a directory")
+    chart = width_chart_png(load_report(checkpoint_dir), _read_json(checkpoint_dir / "config.json"))
+    card = build_model_card(checkpoint_dir, repo_id=repo_id, evaluation=evaluation, metadata=metadata,
+                            model_name=model_name, chart=chart is not None)
+    files = {CARD_FILE: str(card).encode("utf-8")}
+    if chart is not None:
+        files[CHART_FILE] = chart
+    return files
+
+
+def write_card_files(checkpoint_dir: PathLike, files: dict[str, bytes]) -> Path:
+    """Write `card_files`' result into `checkpoint_dir`, each file atomically, the chart first (a stale chart
+    is removed: it would contradict the card). Returns the README path."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if CHART_FILE in files:
+        write_bytes_atomic(checkpoint_dir / CHART_FILE, files[CHART_FILE])
+    else:
+        (checkpoint_dir / CHART_FILE).unlink(missing_ok=True)
+    return write_bytes_atomic(checkpoint_dir / CARD_FILE, files[CARD_FILE])
 
 
 def write_model_card(
@@ -362,17 +404,9 @@ def write_model_card(
 ) -> Path:
     """Write README.md (and pruned_widths.png when the report has per-layer widths) into
     `checkpoint_dir`, each file atomically, the chart first. Returns the README path."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint_dir={str(checkpoint_dir)!r} is not a directory")
-    report = load_report(checkpoint_dir)
-    config = _read_json(checkpoint_dir / "config.json")
-    chart = width_chart(report, checkpoint_dir / CHART_FILE, config)
-    if chart is None:
-        (checkpoint_dir / CHART_FILE).unlink(missing_ok=True)  # a stale chart would contradict the card
-    card = build_model_card(checkpoint_dir, repo_id=repo_id, evaluation=evaluation, metadata=metadata,
-                            model_name=model_name)
-    return write_bytes_atomic(checkpoint_dir / CARD_FILE, str(card).encode("utf-8"))
+    files = card_files(checkpoint_dir, repo_id=repo_id, evaluation=evaluation, metadata=metadata,
+                       model_name=model_name)
+    return write_card_files(checkpoint_dir, files)
 
 
 def generated_for(path: PathLike) -> Optional[str]:
@@ -383,6 +417,12 @@ def generated_for(path: PathLike) -> Optional[str]:
         return None
     match = _GENERATED.search(path.read_text(encoding="utf-8", errors="replace"))
     return None if match is None else (match["repo"] or "")
+
+
+def card_metadata(path: PathLike) -> dict:
+    """The metadata of an existing card that a re-rendering keeps (a caller's license, language, tags)."""
+    old = ModelCard.load(Path(path), ignore_metadata_errors=True).data.to_dict()
+    return {k: v for k, v in old.items() if k not in DERIVED_KEYS}
 
 
 def refresh_model_card(checkpoint_dir: PathLike, repo_id: Optional[str] = None) -> Optional[Path]:
@@ -396,9 +436,7 @@ def refresh_model_card(checkpoint_dir: PathLike, repo_id: Optional[str] = None) 
     written_for = generated_for(card)
     if written_for is None:
         return None
-    old = ModelCard.load(card, ignore_metadata_errors=True).data.to_dict()
-    return write_model_card(checkpoint_dir, repo_id=repo_id or written_for or None,
-                            metadata={k: v for k, v in old.items() if k not in DERIVED_KEYS})
+    return write_model_card(checkpoint_dir, repo_id=repo_id or written_for or None, metadata=card_metadata(card))
 
 
 def record_evaluation(checkpoint_dir: PathLike, evaluation: Any) -> Path:
@@ -416,7 +454,7 @@ def record_evaluation(checkpoint_dir: PathLike, evaluation: Any) -> Path:
 
 
 def _context(checkpoint_dir, report, config, evaluation, repo_id, model_name, base_model, base_name, criterion,
-             data: ModelCardData, inherited: dict) -> dict:
+             data: ModelCardData, inherited: dict, has_chart: bool) -> dict:
     pruning_config = _dict(report.get("pruning_config"))
     if base_model:
         origin = f"[`{base_model}`](https://huggingface.co/{base_model})"
@@ -426,7 +464,7 @@ def _context(checkpoint_dir, report, config, evaluation, repo_id, model_name, ba
         origin = "its base model"
     widths = layer_widths(report, config)
     removed = removed_structures(widths)
-    chart = CHART_FILE if widths and (checkpoint_dir / CHART_FILE).is_file() else None
+    chart = CHART_FILE if widths and has_chart else None
     metrics = _metrics(evaluation, base_model, model_name)
     return {
         "marker": GENERATED_MARKER.format(for_repo=f" for {repo_id}" if repo_id else ""),
@@ -445,6 +483,7 @@ def _context(checkpoint_dir, report, config, evaluation, repo_id, model_name, ba
         **metrics,
         "licence": _licence(data, inherited, base_model),
         "report_file": REPORT_FILE,
+        "warnings": [str(w) for w in report.get("warnings") or [] if w],
     }
 
 

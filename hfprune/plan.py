@@ -226,7 +226,7 @@ def dry_run(
             downloaded model's own config).
         steps_source: how `total_steps` was found, for the printout.
     """
-    from .allocation import allocate, check_feasible
+    from .allocation import allocate, check_feasible, target_fraction
     from .estimate import load_model_config, model_shapes
     from .recipes import Recipe
     from .schedule import PruningSchedule
@@ -348,7 +348,7 @@ def dry_run(
         params_after=params_after,
         prunable_params=prunable,
         removed_params=removed,
-        target_sparsity=_target(config, structure),
+        target_sparsity=target_fraction(structure, config),
         reached_sparsity=removed / max(1, prunable),
         checkpoint=checkpoint,
         schedule=schedule,
@@ -356,17 +356,6 @@ def dry_run(
         notes=notes,
         timings=timings,
     )
-
-
-def _target(config: PruningConfig, structure) -> float:
-    """The target as a fraction of the prunable parameters (derived when heads/channels have their own)."""
-    if not config.separate_targets:
-        return config.target_sparsity
-    wanted = 0.0
-    for layer in structure.prunable_layers:
-        wanted += (config.head_sparsity or 0.0) * layer.attention_params
-        wanted += (config.channel_sparsity or 0.0) * layer.mlp_params
-    return wanted / max(1, structure.prunable_params())
 
 
 def _model_params(model) -> int:
@@ -401,8 +390,9 @@ def _checkpoint_kind(model, structure, uniform: Optional[bool], model_config) ->
     config = exported.config
     if exported.heterogeneous:
         kind = "heterogeneous"
-        reference = {name: getattr(inner.config, name, None) for name in structure.layers[0].widths()}
-        narrowed = sum(1 for layer in structure if layer.widths() != reference)
+        # The export config lists exactly the layers that differ from its global (unpruned) widths. Reading
+        # those from the model's config would fail for a model pruned before (a per-layer attribute).
+        narrowed = len(config.per_layer_config or {})
         loading = (f"{config.model_type} config with per_layer_config for the {narrowed} narrowed layers; loads "
                    "with AutoModelForCausalLM.from_pretrained after `import hfprune`, or with trust_remote_code=True")
     else:

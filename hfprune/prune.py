@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .allocation import allocate, check_feasible
+from .allocation import allocate, check_feasible, shortfall
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
 from .compensator import make_compensator
-from .importance import make_accumulator, make_criterion, score_model
+from .importance import make_accumulator, make_criterion, score_layers, score_model
 from .masking import PruningMasks
 from .removal import record_removal
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
+
+logger = logging.getLogger(__name__)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -32,7 +36,8 @@ def prune_model(
     `calibration_data`: batches (dicts with `input_ids`, optionally `attention_mask`
     and `labels`) for criteria that need forward passes or gradients, and for
     `compensation`; each batch is one forward (and backward) pass and the scores are
-    averaged. What was removed (masks in the original index space, compensation maps)
+    averaged. A batch whose loss or gradients are not finite (an overflow) is skipped
+    and the skips are logged; only when no batch is usable does it fail. What was removed (masks in the original index space, compensation maps)
     is attached to the model (`hfprune.removal`), so `save_pruned(model, dir,
     original_checkpoint=...)` can re-read and slice the full-precision original.
     """
@@ -49,6 +54,8 @@ def prune_model(
             + (", or use importance='magnitude' or 'random'" if criterion.needs != "nothing" else
                ", or compensation='none'")
         )
+    if calibration_data is not None:
+        calibration_data = _checked_calibration(model, calibration_data)
     quiet_int8_cast_warning()
     accumulator = make_accumulator(config, criterion, one_shot=True)
     try:
@@ -63,6 +70,9 @@ def prune_model(
         else:
             _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
         masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
+        short = shortfall(structure, masks, config)
+        if short is not None:
+            logger.warning("prune_model: %s", short)
         if compensator is not None:
             compensator.apply(structure, PruningMasks.full(structure), masks)
     finally:
@@ -70,8 +80,59 @@ def prune_model(
         if compensator is not None:
             compensator.release()
     remove_pruned_groups(structure, masks)
-    record_removal(model, masks, compensator.record if compensator is not None else None)
+    record = record_removal(model, masks, compensator.record if compensator is not None else None)
+    if short is not None:
+        record.warnings.append(short)  # save_pruned puts it in the report and on the card
     return model
+
+
+def _checked_calibration(model: nn.Module, calibration_data):
+    """Every batch checked before its forward pass: a dict with an integer `input_ids` tensor [batch, tokens]
+    whose ids the embedding has. A list is checked whole before anything runs; an iterator batch by batch."""
+    if isinstance(calibration_data, Mapping) or torch.is_tensor(calibration_data):
+        raise TypeError(
+            f"calibration_data is one {type(calibration_data).__name__}: pass a list (or any iterable) of batches, "
+            "each a dict with input_ids, e.g. [{'input_ids': ids}]"
+        )
+    vocab = model.get_input_embeddings().num_embeddings
+    positions = getattr(unwrap_model(model).config, "max_position_embeddings", None)
+    warned = []
+
+    def check(index: int, batch):
+        where = f"calibration_data[{index}]"
+        if not isinstance(batch, Mapping):
+            shape = f" of shape {list(batch.shape)}" if torch.is_tensor(batch) else ""
+            raise TypeError(
+                f"{where} is a {type(batch).__name__}{shape}: each batch is a dict with input_ids (and optionally "
+                "attention_mask, labels), e.g. {'input_ids': ids}"
+            )
+        ids = batch.get("input_ids")
+        if not torch.is_tensor(ids):
+            raise TypeError(f"{where} has no input_ids tensor (keys: {sorted(map(str, batch))}): each batch is a "
+                            "dict with input_ids, a LongTensor [batch, tokens]")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{where}: input_ids are {ids.dtype}: token ids are integers (torch.long)")
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"{where}: input_ids of shape {list(ids.shape)}: expected [batch, tokens], both >= 1")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = high if high >= vocab else low
+            raise ValueError(
+                f"{where}: token id {bad} is outside the model's vocabulary (its embedding has {vocab} rows, ids "
+                f"0 to {vocab - 1}): tokenise the calibration text with this model's tokenizer"
+            )
+        if positions and ids.shape[1] > positions and not warned:
+            warned.append(index)
+            logger.warning(
+                "%s: %d tokens per sequence, more than the model's max_position_embeddings=%d: positions beyond "
+                "it were never trained, so scores measured there may not reflect the model; use sequences of at "
+                "most %d tokens", where, ids.shape[1], positions, positions,
+            )
+        return batch
+
+    if isinstance(calibration_data, Sequence):
+        return [check(i, batch) for i, batch in enumerate(calibration_data)]
+    return (check(i, batch) for i, batch in enumerate(calibration_data))
 
 
 def _activation_checkpointing(model: nn.Module) -> bool:
@@ -125,9 +186,14 @@ def _score_with_forward_passes(model, structure, criterion, accumulator, calibra
 
 
 def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:
+    """Backward passes batch by batch. A batch whose loss or gradients are not finite (an overflow) is skipped,
+    as the trainer skips such a step, so one bad batch cannot poison the others: weight (and LoRA) gradients
+    are summed over the finite batches only (scores of the mean gradient, as before); criteria that record
+    activation gradients are scored after each batch and the finite batches' scores averaged."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     embedding_hook = None
-    if criterion.needs == "activation_gradients":
+    per_batch_scores = criterion.needs == "activation_gradients"
+    if per_batch_scores:
         # Activation gradients only: no weight needs a gradient, so none gets one (a plain fp32 model would
         # otherwise pay for a full weight gradient). Backpropagation starts at the embeddings' output instead.
         for p in model.parameters():
@@ -138,21 +204,51 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
     criterion.prepare(model, structure.prunable_layers)
     was_training = model.training
     _scoring_mode(model)
-    batches = 0
+    used, skipped, total = 0, {}, None
     try:
         model.zero_grad(set_to_none=True)
-        for batch in _batches_on(model, calibration_data):
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        for index, batch in enumerate(_batches_on(model, calibration_data)):
             batch.setdefault("labels", batch["input_ids"])
             loss = model(**batch).loss
-            loss.backward()
-            batches += 1
-        if batches == 0:
-            raise ValueError("calibration_data is empty: pass at least one batch")
-        # Gradients are summed over batches; the mean keeps scores comparable across sizes.
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(batches)
-        score_model(structure, criterion, accumulator)
+            if not bool(torch.isfinite(loss)):
+                skipped[index] = "loss"  # no backward: nothing of this batch reaches a gradient or a hook
+                criterion.reset()
+                continue
+            if per_batch_scores:
+                loss.backward()
+                scores = score_layers(structure, criterion)
+                if not scores or not all(bool(torch.isfinite(t).all()) for s in scores.values() for t in s.values()):
+                    skipped[index] = "gradients"
+                    continue
+                total = scores if total is None else {
+                    i: {role: total[i][role] + t for role, t in s.items()} for i, s in scores.items()
+                }
+            elif not _backward_into_finite_sum(loss, parameters):
+                skipped[index] = "gradients"
+                continue
+            used += 1
+        if used == 0:
+            if not skipped:
+                raise ValueError("calibration_data is empty: pass at least one batch")
+            raise ValueError(_no_usable_batch(skipped))
+        if skipped:
+            logger.warning("prune_model: %d of %d calibration batches skipped (%s); scores from the other %d",
+                           len(skipped), len(skipped) + used, _describe_skips(skipped), used)
+        if per_batch_scores:
+            accumulator.update({i: {role: t / used for role, t in s.items()} for i, s in total.items()})
+        else:
+            # Gradients are summed over the used batches; the mean keeps scores comparable across sizes.
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.div_(used)
+            score_model(structure, criterion, accumulator)
+        if accumulator.num_updates == 0 and accumulator.num_skipped:
+            raise ValueError(
+                f"prune_model: the importance scores are not finite although the {used} used calibration batches had "
+                f"finite losses and gradients (importance={criterion.name!r} keeps statistics of every backward pass, "
+                "a skipped batch included): load the model in bfloat16 or float32, or pass other calibration_data"
+            )
     finally:
         if embedding_hook is not None:
             embedding_hook.remove()
@@ -160,3 +256,36 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
+
+
+def _backward_into_finite_sum(loss: torch.Tensor, parameters: list) -> bool:
+    """Backward into fresh gradients; add them to the running sum if all are finite, else drop them.
+    Costs one more gradient-sized buffer per parameter while the batch's gradients are checked."""
+    summed = [p.grad for p in parameters]
+    for p in parameters:
+        p.grad = None
+    loss.backward()
+    finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in parameters)
+    for p, previous in zip(parameters, summed):
+        if not finite or p.grad is None:
+            p.grad = previous
+        elif previous is not None:
+            p.grad.add_(previous)
+    return finite
+
+
+def _describe_skips(skipped: dict) -> str:
+    parts = []
+    for what in ("loss", "gradients"):
+        batches = [i for i, why in skipped.items() if why == what]
+        if batches:
+            parts.append(f"non-finite {what} in batch{'es' if len(batches) > 1 else ''} {batches}")
+    return "; ".join(parts)
+
+
+def _no_usable_batch(skipped: dict) -> str:
+    return (
+        f"prune_model: none of the {len(skipped)} calibration batches gave finite scores ({_describe_skips(skipped)}): "
+        "the model overflows on this data (float16 often does); load it in bfloat16 or float32, or pass other "
+        "calibration_data"
+    )

@@ -25,6 +25,7 @@ ATTRIBUTE = "hfprune_removal"
 class RemovalRecord:
     masks: PruningMasks  # what was removed, in the original index space
     compensation: CompensationRecord = field(default_factory=CompensationRecord)
+    warnings: list = field(default_factory=list)  # what fell short of what was asked, for the export's report
 
 
 def attach(model: nn.Module, record: RemovalRecord) -> None:
@@ -49,6 +50,6 @@ def record_removal(model: nn.Module, masks: PruningMasks, compensation: Optional
             )
         masks = earlier.masks.compose(masks)
         compensation = compensation or earlier.compensation
-    record = RemovalRecord(masks, compensation)
+    record = RemovalRecord(masks, compensation, list(earlier.warnings) if earlier is not None else [])
     attach(model, record)
     return record

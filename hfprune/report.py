@@ -44,6 +44,8 @@ class PruningReport:
         layers: per decoder layer its kept widths, `original` widths and the kept original indices.
         export: how the checkpoint was written (hfprune version, tensors streamed / from memory, files).
         recipe: the recipe that ran (`hfprune prune`). evaluation: `EvaluationReport.to_dict()`.
+        warnings: what fell short of what was asked (a reached sparsity clearly below the target, weights
+            with NaN / Inf exported on request), each a sentence; the model card shows them.
         extra: keys written by someone else (`save_pruned(report={...})`), kept as they are.
     """
 
@@ -68,6 +70,7 @@ class PruningReport:
     export: Optional[dict] = None
     recipe: Optional[dict] = None
     evaluation: Optional[dict] = None
+    warnings: Optional[list] = None
     extra: dict = field(default_factory=dict)
 
     # ---- conversions ----------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ from transformers import (
 
 from .adapters import default_lora_config
 from .callback import EXPORT_SUBDIR, PruningCallback
+from .checkpoints import checkpoint_to_resume
 from .config import PruningConfig
-from .data import prepare_dataset
+from .data import check_records, longest_sequence, prepare_dataset
 from .importance import make_criterion
+from .model_source import check_model_source
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
 
@@ -72,6 +74,19 @@ def load_model(
         kwargs.setdefault("device_map", _kbit_device_map())
     kwargs.setdefault("dtype", "auto")
     return AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+
+
+def _warn_beyond_positions(dataset, config, what: str) -> None:
+    """Sequences longer than the model's max_position_embeddings train (rotary embeddings extrapolate) but at
+    positions the model never saw: warn, naming the length to use."""
+    positions = getattr(config, "max_position_embeddings", None)
+    longest = longest_sequence(dataset) if positions else 0
+    if positions and longest > positions:
+        logger.warning(
+            "%s: its longest sequence has %d tokens, more than the model's max_position_embeddings=%d; positions "
+            "beyond it were never trained: pass max_length=%d (data.max_length in a recipe)",
+            what, longest, positions, positions,
+        )
 
 
 class PruningTrainer(Trainer):
@@ -117,6 +132,10 @@ class PruningTrainer(Trainer):
         self._distill_sums: dict[str, float] = {}  # loss parts since the last log, as `distill/<part>` means
         self._distill_count = 0
         needs_full_gradients = make_criterion(self.pruning_config).needs_weight_gradients
+        # Empty or unusable data sets are refused before the model is loaded.
+        for what, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is not None:
+                check_records(dataset, what)
         if isinstance(model, str):
             if load_in_8bit is None:
                 load_in_8bit = quantization_config is None and not needs_full_gradients
@@ -125,7 +144,7 @@ class PruningTrainer(Trainer):
                     f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "
                     "cannot have: pass load_in_8bit=False, or use importance='lora'"
                 )
-            model_id = model
+            model_id = check_model_source(model, "model")  # a missing path or pickle weights: before loading
             model = load_model(model_id, load_in_8bit, quantization_config, model_init_kwargs)
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path or model_id)
@@ -143,6 +162,13 @@ class PruningTrainer(Trainer):
             processing_class.pad_token = processing_class.eos_token
         if train_dataset is not None:
             train_dataset = prepare_dataset(train_dataset, processing_class, max_length, train_on_prompt)
+            if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+                raise ValueError(
+                    f"train_dataset: no record has a response left to train on after tokenisation (max_length="
+                    f"{max_length}, train_on_prompt={train_on_prompt}): the prompts fill max_length; raise it, or "
+                    "pass train_on_prompt=True"
+                )
+            _warn_beyond_positions(train_dataset, unwrap_model(model).config, "train_dataset")
         if eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, train_on_prompt)
         if data_collator is None and processing_class is not None:
@@ -194,12 +220,13 @@ class PruningTrainer(Trainer):
     # ---- hooks into the stock Trainer ------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if isinstance(resume_from_checkpoint, str):
+        # The newest *complete* checkpoint (hfprune.checkpoints): a kill inside a checkpoint write leaves one
+        # with half of its files, which transformers' get_last_checkpoint would pick.
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = checkpoint_to_resume(
+                self.args.output_dir, resume_from_checkpoint, discard=self.is_world_process_zero()
+            )
             self.pruning_callback.resume_dir = resume_from_checkpoint
-        elif resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            self.pruning_callback.resume_dir = get_last_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -213,15 +240,15 @@ class PruningTrainer(Trainer):
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
-        # The pruning state is part of the checkpoint: write it before any on_save callback runs,
-        # so a crash after the Trainer's checkpoint never leaves one without it.
-        super()._save_checkpoint(model, trial)
+        # The pruning state goes in first: the Trainer writes trainer_state.json last, so that file marks a
+        # checkpoint with both halves (hfprune.checkpoints), and older checkpoints are rotated away only then.
         if self.is_world_process_zero() and self.pruning_callback.structure is not None:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             run_dir = self._get_output_dir(trial=trial)
             directory = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.pruning_callback.save_state(directory)
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Pruning metrics join the Trainer's own, so every reporter (TensorBoard, W&B, the bar) sees them.
@@ -275,6 +302,7 @@ class PruningTrainer(Trainer):
         max_shard_size: Union[int, str] = "5GB",
         uniform: Optional[bool] = None,
         overwrite: Optional[bool] = None,
+        allow_non_finite: bool = False,
     ):
         """The export: the physically pruned, LoRA-merged checkpoint with its tokenizer, pruning_report.json
         and model card, in `output_dir` (default `<args.output_dir>/pruned`); returns its path.
@@ -282,7 +310,8 @@ class PruningTrainer(Trainer):
         Arguments as in `PruningCallback.save_pruned` (which writes it, for any Trainer): `dtype` of the
         weights (default: the original checkpoint's, e.g. bfloat16 -- not necessarily float32),
         `max_shard_size`, `uniform` (None: a stock config when possible), `overwrite` (None: an earlier
-        hfprune export is replaced atomically, any other non-empty directory refused). `hfprune prune`
+        hfprune export is replaced atomically, any other non-empty directory refused), `allow_non_finite`
+        (write NaN / Inf weights of a diverged run instead of refusing them). `hfprune prune`
         calls this, so the CLI and the Python API write the same checkpoint.
 
         Checkpoints the Trainer saves during training (`_internal_call`) keep its format: adapters and
@@ -290,7 +319,8 @@ class PruningTrainer(Trainer):
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         return self.pruning_callback.save_pruned(
-            self, output_dir, dtype=dtype, max_shard_size=max_shard_size, uniform=uniform, overwrite=overwrite
+            self, output_dir, dtype=dtype, max_shard_size=max_shard_size, uniform=uniform, overwrite=overwrite,
+            allow_non_finite=allow_non_finite,
         )
 
     def create_model_card(

@@ -176,7 +176,10 @@ def test_training_again_lifts_the_refusal(tmp_path):
     trainer = _sft_trainer(tmp_path, callback)
     trainer.train()
     model = trainer.model
-    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    from transformers import TrainerState
+
+    fresh = TrainerState(max_steps=trainer.state.max_steps)  # what Trainer.train() starts again from
+    callback.on_train_begin(trainer.args, fresh, trainer.control, model=model)
     model.save_pretrained(tmp_path / "checkpoint")  # what the Trainer's checkpoints need while training
     assert (tmp_path / "checkpoint" / "adapter_config.json").is_file()
 

@@ -14,43 +14,11 @@ from typing import Union
 
 from safetensors import safe_open
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# The pickle refusal sits below every layer (PruningTrainer(model=path) needs it too); re-exported here.
+from ..model_source import PICKLE_SUFFIXES, PickleCheckpointError, check_no_pickles  # noqa: F401
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-
-
-class PickleCheckpointError(ValueError):
-    """A checkpoint holds (or points to) pickle files, which hfprune never loads."""
-
-
-def check_no_pickles(path: Union[str, Path]) -> None:
-    """Raise `PickleCheckpointError` if the checkpoint at `path` holds or references pickle files.
-
-    `path` is a checkpoint directory (or a single `.safetensors` file). Nothing is opened
-    but JSON indexes; no file is unpickled.
-    """
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise PickleCheckpointError(f"{path}: only .safetensors weights are read (hfprune never unpickles)")
-        return
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    # Top level only, where transformers looks for weights (hub repos may keep e.g. original/*.pth aside).
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise PickleCheckpointError(
-            f"{path} contains pickle files {pickles}: hfprune never loads pickles (they can run code). Convert the "
-            "checkpoint to safetensors (e.g. load it once where you trust it and `save_pretrained(..., "
-            "safe_serialization=True)`), or point to a directory holding only safetensors weights"
-        )
-    for index_file in path.glob("*.index.json"):
-        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-        referenced = sorted({f for f in weight_map.values() if not str(f).endswith(".safetensors")})
-        if referenced:
-            raise PickleCheckpointError(
-                f"{index_file} references non-safetensors weight files {referenced}: hfprune never loads pickles"
-            )
 
 
 def safetensors_files(path: Union[str, Path]) -> list[Path]:

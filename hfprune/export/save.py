@@ -66,6 +66,7 @@ def save_pruned(
     max_shard_size: Union[int, str] = "5GB",
     uniform: Optional[bool] = None,
     model_card: bool = True,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write `model` (physically pruned; a PeftModel with LoRA, possibly on an 8-bit base, or a
     PreTrainedModel) as a dense safetensors checkpoint with LoRA merged, and return its path.
@@ -92,9 +93,13 @@ def save_pruned(
             heterogeneous format; True insists on a stock config (ValueError if impossible);
             False always writes the heterogeneous format.
         model_card: also write README.md and the kept-width chart (`hfprune.model_card`).
+        allow_non_finite: write weights that hold NaN or Inf (a diverged training run) anyway, listed in the
+            report's `export.non_finite_tensors`; by default such a model is refused (ValueError) before a
+            file is written.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
+    non_finite = _check_finite(model, allow_non_finite)
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _parse_dtype(dtype)
     inner = unwrap_model(model)
@@ -137,6 +142,11 @@ def save_pruned(
     with atomic_directory(output_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         stats = _write_weights(writer, entries, tied, original, masks, compensation, structure, dtype, export_dtype)
+        written_non_finite = sorted(set(stats.pop("non_finite")) - set(non_finite))
+        if written_non_finite and not allow_non_finite:  # e.g. a finite LoRA delta that overflows the dtype
+            raise ValueError(_non_finite_message(written_non_finite, len(stats["written"]), "the merged weights"))
+        non_finite = sorted(set(non_finite) | set(written_non_finite))
+        stats.pop("written")
         files = writer.finish()
         stats["params_after"] = writer.total_numel
         exported.config.to_json_file(str(tmp / "config.json"), use_diff=True)
@@ -148,7 +158,18 @@ def save_pruned(
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _report(inner, structure, masks, exported, original, stats, files, export_dtype).update(report).save(tmp)
+        exported_report = _report(inner, structure, masks, exported, original, stats, files, export_dtype)
+        # What prune_model found short of its target (a global split), and non-finite weights written on request.
+        warnings = list(getattr(record, "warnings", None) or [])
+        if non_finite:
+            exported_report.export["non_finite_tensors"] = non_finite
+            warnings.append(f"{len(non_finite)} weight tensors hold NaN or Inf (exported with allow_non_finite=True, "
+                            f"e.g. {non_finite[0]}): this checkpoint will not generate sensible text")
+        given = report.to_dict() if isinstance(report, PruningReport) else dict(report or {})
+        warnings = list(dict.fromkeys([*(given.get("warnings") or []), *warnings]))
+        exported_report.update(report)
+        exported_report.warnings = warnings or None
+        exported_report.save(tmp)
         if model_card:
             from ..model_card import write_model_card
 
@@ -161,6 +182,42 @@ def save_pruned(
 
 
 # ---- weights ---------------------------------------------------------------------------------------------
+
+
+def _non_finite_message(names: list[str], total: int, where: str) -> str:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (
+        f"{len(names)} of {total} tensors of {where} hold NaN or Inf ({shown}): the training diverged (a NaN or "
+        "infinite loss?), and the checkpoint would generate garbage. Resume from an earlier checkpoint with a "
+        "lower learning rate (or max_grad_norm, bf16 instead of fp16), or pass allow_non_finite=True to write "
+        "it anyway"
+    )
+
+
+def _check_finite(model: nn.Module, allow: bool) -> list[str]:
+    """The model's floating parameters that hold NaN or Inf; refused (ValueError) unless `allow`, before any
+    file is written. Integer (int8, packed 4-bit) tensors cannot hold either."""
+    tensors = list(model.named_parameters())
+    bad = sorted(name for name, t in tensors
+                 if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()))
+    if bad and not allow:
+        raise ValueError(_non_finite_message(bad, len(tensors), "the model"))
+    if bad:
+        logger.warning("exporting %d tensors that hold NaN or Inf (allow_non_finite=True): %s", len(bad), bad[:4])
+    return bad
+
+
+class _FiniteCheckingWriter:
+    """The shard writer, noting each written tensor that holds NaN or Inf (the merge can overflow a dtype)."""
+
+    def __init__(self, writer: ShardWriter, stats: dict):
+        self._writer, self._stats = writer, stats
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            self._stats["non_finite"].append(name)
+        self._stats["written"].append(name)
+        self._writer.add(name, tensor)
 
 
 def _write_weights(
@@ -179,7 +236,8 @@ def _write_weights(
     Returns counts for the report.
     """
     stats = {"from_original": 0, "from_memory": 0, "lora_merged": [], "compensated": [], "ignored_original_tensors": [],
-             "params_before": 0, "original_dtypes": {}}
+             "params_before": 0, "original_dtypes": {}, "non_finite": [], "written": []}
+    writer = _FiniteCheckingWriter(writer, stats)
     written: set[str] = set()
     if original is not None:
         written = _stream_original(writer, entries, skip, original, masks, compensation, structure, dtype, stats)
