@@ -41,6 +41,7 @@ from .config import PruningConfig
 from .compensator import CompensationRecord, make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import MaskHooks, PruningMasks
+from .quantization import check_quantized_base
 from .removal import record_removal
 from .report import REPORT_FILE, PruningReport
 from .schedule import PruningSchedule
@@ -179,6 +180,7 @@ class PruningCallback(TrainerCallback):
         if self.original_checkpoint is None:
             self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         self.structure = discover_for_config(model, self.config)
+        check_quantized_base(model, self.structure, self.config, self.criterion)
         self._original_prunable = self.structure.prunable_params()
         self._original_total = count_parameters(model)
         if state.global_step == 0:  # a resumed model may already be sliced: checked when the run began

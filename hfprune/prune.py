@@ -13,6 +13,7 @@ from .config import PruningConfig
 from .compensator import make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import PruningMasks
+from .quantization import check_quantized_base
 from .removal import record_removal
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
@@ -39,6 +40,7 @@ def prune_model(
     structure = discover_for_config(model, config)
     check_feasible(structure, config)
     criterion = make_criterion(config)
+    check_quantized_base(model, structure, config, criterion)
     compensator = make_compensator(config)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
         what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..bnb4bit import logical_shape
 from ..structure import base_layer, is_lora_wrapped, unwrap_model
 
 
@@ -31,6 +32,11 @@ class ModelTensor:
     lora: Optional[nn.Module] = None  # the LoRA wrapper whose delta belongs to this weight / bias
     role: str = ""  # "weight" or "bias" of a LoRA-wrapped layer
     trained_copy: bool = False  # a peft `modules_to_save` copy: trained, whatever its requires_grad says now
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the exported tensor: a packed 4-bit weight stands for its [out, in] matrix."""
+        return tuple(logical_shape(self.tensor))
 
     @property
     def quantized(self) -> bool:

@@ -115,9 +115,10 @@ def save_pruned(
         original_checkpoint = inner.config.name_or_path or None
         if not original_checkpoint:
             raise ValueError(
-                f"{len(quantized)} weights (e.g. {quantized[0]}) are int8 in memory: pass original_checkpoint= (the "
+                f"{len(quantized)} weights (e.g. {quantized[0]}) are quantized (int8 / 4-bit) in memory: pass "
+                "original_checkpoint= (the "
                 "unpruned safetensors checkpoint, local path or hub id) so the full-precision weights can be re-read; "
-                "hfprune never merges LoRA into de-quantised int8 values"
+                "hfprune never merges LoRA into de-quantised values"
             )
     original = OriginalCheckpoint(original_checkpoint) if original_checkpoint is not None else None
     if original is not None:
@@ -189,8 +190,8 @@ def _write_weights(
         if entry.quantized:
             where = f"the original checkpoint {original.name}" if original is not None else "an original checkpoint"
             raise ValueError(
-                f"{name} is int8 in memory and not in {where}: its full-precision value is unknown; hfprune never "
-                "exports de-quantised int8 weights"
+                f"{name} is quantized (int8 / 4-bit) in memory and not in {where}: its full-precision value is "
+                "unknown; hfprune never exports de-quantised weights"
             )
         if entry.tensor.device.type == "meta":
             raise ValueError(f"{name} is on the meta device (offloaded?): load the model fully before exporting")
@@ -245,10 +246,10 @@ def _stream_original(
             source[:, column_map.kept] = column_map.apply(loaded)
             stats["compensated"].append(name)
         tensor = slice_original(source, rule, masks, head_dims.get(rule.layer) if rule else 0, name)
-        if tuple(tensor.shape) != tuple(entry.tensor.shape):
+        if tuple(tensor.shape) != entry.shape:
             raise ValueError(
                 f"{name}: the original checkpoint's tensor, sliced by the masks, has shape {list(tensor.shape)} but "
-                f"the model's has {list(entry.tensor.shape)}; the masks must be the ones that pruned this model, "
+                f"the model's has {list(entry.shape)}; the masks must be the ones that pruned this model, "
                 "in the original checkpoint's index space"
             )
         delta = lora_delta(entry)  # the original never contains it, merged in memory or not
@@ -352,7 +353,7 @@ def _is_pruned(entries: dict[str, ModelTensor], structure: ModelStructure, origi
     """Do the model's prunable tensors differ in shape from the original checkpoint's?"""
     headers = original.headers()
     return any(
-        name in headers and name in entries and tuple(entries[name].tensor.shape) != headers[name][0]
+        name in headers and name in entries and entries[name].shape != tuple(headers[name][0])
         for name in slice_rules(structure)
     )
 
