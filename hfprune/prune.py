@@ -10,6 +10,7 @@ from torch import nn
 from .allocation import allocate, check_feasible
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
+from .distributed import check_resident
 from .compensator import make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import PruningMasks
@@ -41,6 +42,7 @@ def prune_model(
     check_feasible(structure, config)
     criterion = make_criterion(config)
     check_quantized_base(model, structure, config, criterion)
+    check_resident(model, structure)
     compensator = make_compensator(config)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
         what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")

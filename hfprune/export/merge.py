@@ -46,9 +46,10 @@ class ModelTensor:
     @property
     def from_memory(self) -> bool:
         """Exported from memory even when an original checkpoint is read: it may have been trained
-        (requires_grad, or a `modules_to_save` copy). Frozen weights come from the original."""
+        (requires_grad, or a `modules_to_save` copy). Frozen weights come from the original, and so do
+        weights on the meta device (offloaded by a device_map, or a skeleton's): memory does not hold them."""
         trainable = self.trained_copy or bool(getattr(self.tensor, "requires_grad", False))
-        return trainable and not self.quantized
+        return trainable and not self.quantized and self.tensor.device.type != "meta"
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:

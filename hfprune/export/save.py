@@ -95,6 +95,13 @@ def save_pruned(
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
+    from ..distributed import sharding
+
+    if sharding(model):
+        raise ValueError(
+            f"the model's parameters are {sharding(model)} shards: export with "
+            "hfprune.export.save_pruned_from_adapters (original checkpoint + removal masks + gathered LoRA factors)"
+        )
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _parse_dtype(dtype)
     inner = unwrap_model(model)
@@ -296,8 +303,8 @@ def _check_frozen_tensor_matches(
     wrappers are gone, the deltas would be lost) and an `original_checkpoint` of another model.
     Tolerance: the rounding of the coarser of the two dtypes.
     """
-    if not (original.is_floating_point() and entry.tensor.is_floating_point()):
-        return
+    if not (original.is_floating_point() and entry.tensor.is_floating_point()) or entry.tensor.device.type == "meta":
+        return  # nothing to compare: quantized, or a skeleton's (save_pruned_from_adapters)
     held = entry.tensor.detach()
     if merged_delta is None and held.dtype == original.dtype and torch.equal(held.cpu(), original):
         return  # the common case, without float32 copies
