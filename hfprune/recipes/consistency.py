@@ -32,7 +32,7 @@ def check_consistency(recipe) -> None:
     if getattr(training, "fsdp", None) or getattr(training, "deepspeed", None):
         which = "training.fsdp" if getattr(training, "fsdp", None) else "training.deepspeed"
         raise RecipeError(
-            f"{where}: {which}: sharded training is not supported by `hfprune prune`: slicing needs whole "
+            f"{where}: {which}: sharded training is not supported by hfprune prune: slicing needs whole "
             "parameters, which FSDP / DeepSpeed ZeRO keep as shards; use data parallelism (accelerate launch / "
             "torchrun without FSDP or DeepSpeed), or FSDP2 with importance='activation_taylor' through the Python "
             "API (PruningTrainer / PruningCallback; exported from the original checkpoint), see docs/distributed.md"
