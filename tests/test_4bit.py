@@ -211,7 +211,8 @@ def _snapshot(model) -> dict:
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if state is not None:
-            snap[f"{name}.quant_state"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.as_dict().items()}
+            snap[f"{name}.quant_state"] = {k: v.clone() if torch.is_tensor(v) else v
+                                           for k, v in state.as_dict().items()}
             snap[f"{name}.module_quant_state"] = vars(module).get("quant_state", "absent") is state
         for holder, attr in ((weight, "SCB"), (getattr(module, "state", None), "SCB")):
             value = getattr(holder, attr, None) if holder is not None else None
