@@ -215,11 +215,18 @@ def smollm2_path() -> str:
     return str(ensure_offline_model())
 
 
-def load_causal_lm(path: str, eight_bit: bool = False, dtype=None):
-    """A causal LM from a local checkpoint: fp32 (default) or the bitsandbytes 8-bit base on the CPU."""
+def load_causal_lm(path: str, eight_bit: bool = False, dtype=None, four_bit: bool = False):
+    """A causal LM from a local checkpoint: fp32 (default) or a bitsandbytes 8-bit / 4-bit base on the CPU
+    (4-bit: QLoRA's NF4 with double quantization and bfloat16 compute, as PruningTrainer(load_in_4bit=True))."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if four_bit:
+        from hfprune.quantization import bnb_config
+
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb_config(load_in_4bit=True), device_map="cpu", dtype=torch.float32
+        )
     if eight_bit:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"

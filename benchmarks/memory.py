@@ -19,6 +19,11 @@ Setups:
   7 projections; scores come from the LoRA gradients (LoRAPrune). Only the adapters
   get gradients.
 * `lora`, fp32 base: the same criterion on an fp32 base (separates the two savings).
+* `lora` and `activation_taylor`, 4-bit base: `BitsAndBytesConfig(load_in_4bit=True)`, NF4 with
+  double quantization and bfloat16 compute (QLoRA's setting, `PruningTrainer(load_in_4bit=True)`),
+  prepared and adapted as the 8-bit base; kept MLP widths rounded to 64 (`round_channels_to`), as
+  bitsandbytes' CPU kernels need (`hfprune.bnb4bit`). `activation_taylor` needs no LoRA gradient
+  and reads no weight.
 * `taylor`, fp32 base: LLM-Pruner's element-1 criterion from full weight gradients. To
   be fair to it, every parameter is frozen first and the criterion unfreezes only what
   it scores (the projections of the prunable layers), so no gradient is computed for
@@ -53,10 +58,12 @@ import common  # noqa: E402
 NAME = "memory"
 SETUPS = {
     "lora-8bit": ("lora", "8-bit (bitsandbytes)"),
+    "lora-4bit": ("lora", "4-bit NF4 (bitsandbytes)"),
+    "activation_taylor-4bit": ("activation_taylor", "4-bit NF4 (bitsandbytes)"),
     "lora-fp32": ("lora", "fp32"),
     "taylor-fp32": ("taylor", "fp32"),
 }
-SMOKE_SETUPS = ("lora-8bit", "taylor-fp32")
+SMOKE_SETUPS = ("lora-8bit", "lora-4bit", "activation_taylor-4bit", "taylor-fp32")
 TARGET_RATIO = 0.40
 
 
@@ -68,7 +75,7 @@ def _status(field: str) -> int:
 
 
 def child(setup: str, path: str, batches: int, batch_size: int, seq_len: int, threads: int,
-          checkpointing: bool = False) -> dict:
+          checkpointing: bool = False, smoke_path_4bit: str = "") -> dict:
     common.setup(threads)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -79,16 +86,19 @@ def child(setup: str, path: str, batches: int, batch_size: int, seq_len: int, th
     from hfprune.data import calibration_batches
 
     criterion, base = SETUPS[setup]
+    four_bit = base.startswith("4-bit")
+    if four_bit and smoke_path_4bit:
+        path = smoke_path_4bit  # the tiny Llama whose widths bitsandbytes' CPU kernels take
     tokenizer = AutoTokenizer.from_pretrained(path)
     calibration = calibration_batches(tokenizer, common.read_c4(limit=300)[40:], num_samples=batches * batch_size,
                                       seq_len=seq_len, batch_size=batch_size, seed=0)
     gc.collect()
     baseline = _status("VmRSS")
-    model = common.load_causal_lm(path, eight_bit=base.startswith("8-bit"))
+    model = common.load_causal_lm(path, eight_bit=base.startswith("8-bit"), four_bit=four_bit)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if criterion == "lora":
-        if base.startswith("8-bit"):
+    if criterion == "lora" or four_bit:
+        if base.startswith(("8-bit", "4-bit")):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -100,7 +110,7 @@ def child(setup: str, path: str, batches: int, batch_size: int, seq_len: int, th
     # own them, so "loaded" is the whole model and scoring is not charged for paging it in.
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.device.type == "cpu" and tensor.is_floating_point():
+            if tensor.device.type == "cpu" and tensor.is_floating_point() and type(tensor).__name__ != "Params4bit":
                 tensor.data = tensor.data.clone()
     gc.collect()
     params_before = count_parameters(model)
@@ -108,7 +118,7 @@ def child(setup: str, path: str, batches: int, batch_size: int, seq_len: int, th
     load_peak = _status("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
-    config = PruningConfig(target_sparsity=0.2, importance=criterion)
+    config = PruningConfig(target_sparsity=0.2, importance=criterion, round_channels_to=64 if four_bit else 1)
     prune_model(model, config, calibration_data=calibration)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
@@ -124,6 +134,7 @@ def start_child(setup: str, path: str, args, checkpointing: bool) -> subprocess.
     command = [sys.executable, __file__, "--child", setup, "--checkpoint", path, "--batches", str(args.batches),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
     command += ["--activation-checkpointing"] if checkpointing else []
+    command += ["--smoke-4bit-checkpoint", args.smoke_4bit_checkpoint] if args.smoke_4bit_checkpoint else []
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -170,6 +181,17 @@ def report(runs: list[dict], args, info: dict, smoke: bool) -> tuple[str, dict]:
             f"{absolute:.0%}, the baseline of the imported libraries is the same in both).",
             "",
         ]
+    for checkpointing in (False, True):
+        by = {r["setup"]: r for r in runs if bool(r.get("checkpointing")) == checkpointing}
+        if {"lora-8bit", "lora-4bit", "activation_taylor-4bit"} <= set(by):
+            eight = by["lora-8bit"]["over_baseline"]
+            lines += [
+                f"4-bit base, {'with' if checkpointing else 'without'} activation checkpointing: `lora` "
+                f"{by['lora-4bit']['over_baseline'] / eight:.0%} and `activation_taylor` "
+                f"{by['activation_taylor-4bit']['over_baseline'] / eight:.0%} of `lora` on the 8-bit base's peak "
+                "over baseline.",
+                "",
+            ]
     lines += [
         "The 8-bit base stores the projection weights as int8 (1 byte per weight instead of 4) and the LoRA "
         "criterion needs gradients of the rank-8 adapters only; the Taylor criterion needs an fp32 weight and an "
@@ -193,18 +215,23 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=sorted(SETUPS), help=argparse.SUPPRESS)
     p.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--smoke-4bit-checkpoint", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batches = args.batches or (1 if args.smoke else 2)
     args.seq_len = args.seq_len or (32 if args.smoke else 128)
     if args.child:
         print(json.dumps(child(args.child, args.checkpoint, args.batches, args.batch_size, args.seq_len, args.threads,
-                               args.activation_checkpointing)))
+                               args.activation_checkpointing, args.smoke_4bit_checkpoint)))
         return 0
     common.setup(args.threads)
     out = common.output_dir(args)
     info = common.machine()
     with tempfile.TemporaryDirectory(prefix="hfprune-memory-") as tmp:
         path = common.tiny_llama_checkpoint(Path(tmp) / "tiny") if args.smoke else common.smollm2_path()
+        if args.smoke:
+            from tests.tiny_models import FOUR_BIT_SIZES
+
+            args.smoke_4bit_checkpoint = common.tiny_llama_checkpoint(Path(tmp) / "tiny-4bit", **FOUR_BIT_SIZES)
         runs = []
         if args.smoke:
             # Resident memory is per process: the two smoke children may run side by side.

@@ -2,6 +2,8 @@
 
     python benchmarks/validate_estimator.py           # measure, write results/estimator_validation.md
     python benchmarks/validate_estimator.py --table   # estimates for LLaMA 7B..65B and Llama-2-70B
+    python benchmarks/validate_estimator.py --smoke   # one tiny model, the 8-bit and 4-bit setups, seq 128;
+                                                      # prints, writes nothing
 
 Validation: three random Llama models (~25M, ~60M, ~120M parameters, vocabulary
 32000), and a ~100M one with a 4096-token vocabulary whose peak, like a 7B-70B
@@ -14,6 +16,11 @@ subprocess:
   AdamW; forward + backward, the LoRAPrune score of every LoRA module
   (G = dB·A + B·dA − dB·dA against the de-quantised W + scale·B·A), optimizer step.
   Without and with gradient checkpointing.
+* ``lora-4bit`` / ``lora-4bit-ckpt`` / ``activation_taylor-4bit-ckpt``: the same on a
+  bitsandbytes 4-bit base (``BitsAndBytesConfig(load_in_4bit=True)``, NF4 with double
+  quantization, float32 compute on the CPU); the scores are hfprune's own criteria
+  (``score_layer`` of ``lora``, reading bitsandbytes' de-quantised weight in row blocks, and
+  of ``activation_taylor``, from the activation gradients its hooks record).
 * ``taylor-fp32`` / ``taylor-bf16``: the dense model with every weight requiring
   grad; forward + backward and the |W·g| score of every projection (no optimizer:
   LLM-Pruner scores, it does not train, the weights).
@@ -65,6 +72,7 @@ from hfprune.estimate import (  # noqa: E402
     estimate_memory,
     model_shapes,
 )
+from hfprune.bnb4bit import logical_numel  # noqa: E402
 from hfprune.structure import PROJECTION_ROLES as PROJECTIONS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,9 +95,18 @@ SIZES = {
 SETUPS = {
     "lora-8bit": dict(criterion="lora", load_in_8bit=True, gradient_checkpointing=False, dtype="float32"),
     "lora-8bit-ckpt": dict(criterion="lora", load_in_8bit=True, gradient_checkpointing=True, dtype="float32"),
+    "lora-4bit": dict(criterion="lora", load_in_4bit=True, gradient_checkpointing=False, dtype="float32"),
+    "lora-4bit-ckpt": dict(criterion="lora", load_in_4bit=True, gradient_checkpointing=True, dtype="float32"),
+    "activation_taylor-4bit-ckpt": dict(criterion="activation_taylor", load_in_4bit=True,
+                                        gradient_checkpointing=True, dtype="float32"),
     "taylor-fp32": dict(criterion="taylor", load_in_8bit=False, gradient_checkpointing=False, dtype="float32"),
     "taylor-bf16": dict(criterion="taylor", load_in_8bit=False, gradient_checkpointing=False, dtype="bfloat16"),
 }
+# --smoke: seconds, widths bitsandbytes' 4-bit CPU kernels take (multiples of the block size 64)
+SMOKE_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024)
+SMOKE_SETUPS = ("lora-8bit", "lora-4bit", "lora-4bit-ckpt", "activation_taylor-4bit-ckpt")
+SMOKE_SEQ_LEN = 128
 TABLE_MODELS = ("llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-70b", "llama-3-8b", "llama-3.1-70b")
 #: The 4-bit columns: QLoRA's base (NF4 with double quantization, bf16 compute), for the LoRA criterion and
 #: for activation_taylor, which needs no weight at all to score.
@@ -99,17 +116,24 @@ FOUR_BIT_COLUMNS = {"lora (4-bit)": "lora", "activation_taylor (4-bit)": "activa
 def llama_config(size: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 2048, **SIZES[size]})
+    sizes = SMOKE_SIZE if size == "smoke" else SIZES[size]
+    return LlamaConfig(**{"vocab_size": 32000, "max_position_embeddings": 2048, **sizes})
 
 
-def estimate_for(size: str, setup: str):
+def _quantized(spec: dict) -> bool:
+    return bool(spec.get("load_in_8bit") or spec.get("load_in_4bit"))
+
+
+def estimate_for(size: str, setup: str, seq_len: int = SEQ_LEN):
     spec = SETUPS[setup]
-    lora = spec["criterion"] == "lora"
+    lora = spec["criterion"] == "lora" or _quantized(spec)  # a quantized base trains LoRA adapters
     return estimate_memory(
         llama_config(size),
         criterion=spec["criterion"],
-        load_in_8bit=spec["load_in_8bit"],
-        seq_len=SEQ_LEN,
+        load_in_8bit=bool(spec.get("load_in_8bit")),
+        load_in_4bit=bool(spec.get("load_in_4bit")),
+        double_quant=bool(spec.get("load_in_4bit")),
+        seq_len=seq_len,
         batch_size=BATCH_SIZE,
         lora_r=LORA_R if lora else 0,
         gradient_checkpointing=spec["gradient_checkpointing"],
@@ -171,6 +195,19 @@ def _lora_scores(model) -> None:
             del gradient, weight, score
 
 
+def _hfprune_scores(criterion):
+    """Score every layer with hfprune's own criterion (what PruningCallback runs each step)."""
+    from hfprune.structure import discover
+
+    def score(model) -> None:
+        for layer in discover(model, protected_layers=()).layers:
+            scores = criterion.score_layer(layer)
+            layer.layer._scores = scores
+            del scores
+
+    return score
+
+
 def _taylor_scores(model) -> None:
     """LLM-Pruner's element-wise first-order Taylor score |W·g| of every projection."""
     import torch
@@ -184,7 +221,7 @@ def _taylor_scores(model) -> None:
                 del score
 
 
-def measure(size: str, setup: str, model_dir: str) -> dict:
+def measure(size: str, setup: str, model_dir: str, seq_len: int = SEQ_LEN) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -195,18 +232,29 @@ def measure(size: str, setup: str, model_dir: str) -> dict:
     spec = SETUPS[setup]
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(0)
-    if spec["load_in_8bit"]:
+    if _quantized(spec):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
-        )
+        if spec.get("load_in_4bit"):
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        else:
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, device_map="cpu")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
         model = get_peft_model(
             model, LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS))
         )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        score = _lora_scores
+        if spec.get("load_in_4bit"):
+            from hfprune.importance import get_importance
+            from hfprune.structure import discover
+
+            criterion = get_importance(spec["criterion"])
+            criterion.prepare(model, discover(model, protected_layers=()).layers)
+            score = _hfprune_scores(criterion)
+        else:
+            score = _lora_scores
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="cpu")
         if spec["gradient_checkpointing"]:
@@ -250,7 +298,7 @@ def measure(size: str, setup: str, model_dir: str) -> dict:
 
     # A short warm-up step starts the thread pools and kernels and creates the AdamW states
     # (they are sized by the parameters, not by the sequence), at an eighth of a full step's cost.
-    step(torch.randint(0, model.config.vocab_size, (BATCH_SIZE, SEQ_LEN // 8)))
+    step(torch.randint(0, model.config.vocab_size, (BATCH_SIZE, seq_len // 8)))
     gc.collect()
 
     # Without checkpointing, the measured step also counts the tensors saved for backward
@@ -265,7 +313,7 @@ def measure(size: str, setup: str, model_dir: str) -> dict:
         return tensor
 
     hooks = None if spec["gradient_checkpointing"] else (pack, lambda tensor: tensor)
-    ids = torch.randint(0, model.config.vocab_size, (BATCH_SIZE, SEQ_LEN))
+    ids = torch.randint(0, model.config.vocab_size, (BATCH_SIZE, seq_len))
 
     live = _live_tensor_bytes()
     with open("/proc/self/clear_refs", "w") as f:
@@ -301,7 +349,7 @@ def measure(size: str, setup: str, model_dir: str) -> dict:
     return {
         "size": size,
         "setup": setup,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(logical_numel(p) for p in model.parameters()),  # a packed 4-bit weight: its [out, in]
         "live_at_start": live,
         "allocator_peak": live + peak,
         "phase_peaks": {name: live + value for name, value in phase_peaks.items()},
@@ -324,10 +372,10 @@ def _save_random_model(size: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def _run_subprocess(size: str, setup: str, model_dir: Path) -> dict:
+def _run_subprocess(size: str, setup: str, model_dir: Path, seq_len: int = SEQ_LEN) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, __file__, "--measure", size, setup, str(model_dir)]
+    command = [sys.executable, __file__, "--measure", size, setup, str(model_dir), "--seq-len", str(seq_len)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {size} {setup} failed:\n{done.stderr[-4000:]}")
@@ -349,7 +397,7 @@ def _measured_peak_phase(phases: dict[str, int]) -> str:
     return max(named, key=named.get)
 
 
-def validate(sizes, setups) -> str:
+def validate(sizes, setups, seq_len: int = SEQ_LEN) -> str:
     rows, saved_rows, phase_rows, worst = [], [], [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
@@ -357,8 +405,8 @@ def validate(sizes, setups) -> str:
             _save_random_model(size, folder)
             vocab = llama_config(size).vocab_size
             for setup in setups:
-                result = _run_subprocess(size, setup, folder)
-                estimate = estimate_for(size, setup)
+                result = _run_subprocess(size, setup, folder, seq_len)
+                estimate = estimate_for(size, setup, seq_len)
                 measured, rss = result["allocator_peak"], result["rss_peak"]
                 worst = max(worst, abs(estimate.total / measured - 1.0))
                 measured_phases = result["phase_peaks"]
@@ -370,7 +418,7 @@ def validate(sizes, setups) -> str:
                 )
                 if result["saved_activations"] is not None:
                     # the hooks also see the loss's fp32 log-softmax (estimator: part of the loss buffers)
-                    log_softmax = 4 * SEQ_LEN * BATCH_SIZE * vocab
+                    log_softmax = 4 * seq_len * BATCH_SIZE * vocab
                     predicted = estimate.components["saved_activations"] + log_softmax
                     saved_rows.append(
                         f"| {size} | {setup} | {predicted / MiB:.2f} | {result['saved_activations'] / MiB:.2f} | "
@@ -392,9 +440,11 @@ def validate(sizes, setups) -> str:
     lines = [
         "# Memory estimator against measured peaks (CPU)",
         "",
-        f"Generated by `python benchmarks/validate_estimator.py`. Random Llama models, seq {SEQ_LEN}, "
+        f"Generated by `python benchmarks/validate_estimator.py`. Random Llama models, seq {seq_len}, "
         f"batch {BATCH_SIZE}; `lora-8bit*`: bitsandbytes int8 base on the CPU, LoRA r={LORA_R} on all 7 "
-        "projections, AdamW, LoRAPrune scores; `taylor-*`: dense weights requiring grad, |W·g| scores. "
+        "projections, AdamW, LoRAPrune scores; `*-4bit*`: bitsandbytes NF4 base with double quantization "
+        "(float32 compute), the same LoRA and AdamW, hfprune's `lora` / `activation_taylor` scores; "
+        "`taylor-*`: dense weights requiring grad, |W·g| scores. "
         "The estimator is called with the CPU's dtypes (`compute_dtype='float32'`, or bf16 for `taylor-bf16`). "
         "`measured` = tensors live at the start of the step + the CPU allocator's peak over the step "
         "(torch.profiler memory events); `RSS` = live tensors + the rise of peak RSS. MiB.",
@@ -478,11 +528,17 @@ def main(argv=None) -> None:
     parser.add_argument("--table", action="store_true", help="write the 7B..70B estimates instead of validating")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="one tiny model, the quantized setups, seq 128: prints, writes nothing")
     parser.add_argument("--measure", nargs=3, metavar=("SIZE", "SETUP", "MODEL_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.measure:
-        print(json.dumps(measure(*args.measure)))
+        print(json.dumps(measure(*args.measure, seq_len=args.seq_len)))
+        return
+    if args.smoke:
+        print(validate(["smoke"], SMOKE_SETUPS, SMOKE_SEQ_LEN))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.table:

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
+from . import distributed
 from .allocation import allocate, check_feasible, shortfall
 from .atomic import check_export_dir, save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
@@ -42,6 +43,7 @@ from .config import PruningConfig
 from .compensator import CompensationRecord, make_compensator
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import MaskHooks, PruningMasks
+from .quantization import check_quantized_base
 from .removal import record_removal
 from .report import REPORT_FILE, PruningReport
 from .schedule import PruningSchedule
@@ -95,6 +97,7 @@ class PruningCallback(TrainerCallback):
         self.report_metadata: dict = {}
         self.allow_physical_removal = True
         self._skipped_step: Optional[int] = None
+        self.sharding: Optional[str] = None  # "fsdp" when the model's parameters are shards (never sliced)
         self._original_prunable = 0
         self._original_total = 0
         self._model = None
@@ -193,6 +196,13 @@ class PruningCallback(TrainerCallback):
         if self.original_checkpoint is None:
             self.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         self.structure = discover_for_config(model, self.config)
+        self.sharding = distributed.sharding(model)
+        distributed.check_sharded_criterion(self.sharding, self.criterion, self.config.importance)
+        if self.sharding and self.compensator is not None:
+            raise ValueError(f"compensation={self.config.compensation!r} updates weights, which {self.sharding} keeps "
+                             "as shards: use compensation='none' under sharded training")
+        check_quantized_base(model, self.structure, self.config, self.criterion)
+        distributed.check_resident(model, self.structure)
         self._original_prunable = self.structure.prunable_params()
         self._original_total = count_parameters(model)
         if state.global_step == 0:  # a resumed model may already be sliced: checked when the run began
@@ -209,7 +219,12 @@ class PruningCallback(TrainerCallback):
             cooldown_ratio=self.config.cooldown_ratio,
             prune_every=self.config.prune_every,
         )
-        if args.world_size > 1 and self.config.physical_removal == "after_pruning":
+        if self.sharding:
+            # Shards cannot be sliced: masks until the end, then the export slices the original checkpoint.
+            self.allow_physical_removal = False
+            logger.warning("%s: weights are never sliced in memory; masks are used, and the export slices the "
+                           "original checkpoint (save_pruned_from_adapters)", self.sharding)
+        elif args.world_size > 1 and self.config.physical_removal == "after_pruning":
             # DDP's gradient buckets are sized at wrap time: keep masks until training ends.
             self.allow_physical_removal = False
             logger.warning("distributed training: weights are sliced at the end of training, masks are used until then")
@@ -237,7 +252,10 @@ class PruningCallback(TrainerCallback):
         if self.structure is None or not self._scoring(state.global_step):
             return
         skipped = self.accumulator.num_skipped
-        if not score_model(self.structure, self.criterion, self.accumulator) and self.accumulator.num_skipped > skipped:
+        # Hook criteria saw this rank's batches only: every rank folds in the ranks' average.
+        reduce = distributed.average_scores if distributed.needs_score_averaging(self.criterion) else None
+        if not score_model(self.structure, self.criterion, self.accumulator, reduce) and \
+                self.accumulator.num_skipped > skipped:
             logger.warning("step %d: non-finite importance scores, step skipped", state.global_step + 1)
             self._skipped_step = state.global_step + 1
 
@@ -279,7 +297,11 @@ class PruningCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.structure is not None and not self.physically_pruned and self.masks is not None:
             if state.global_step >= self.schedule.last_step and not self.masks.is_full():
-                self._remove_physically(optimizer, state)
+                if self.sharding:
+                    record_removal(self._model, self.masks)  # for the export, which slices the original
+                    self._log_event("removal_recorded", state)
+                else:
+                    self._remove_physically(optimizer, state)
         self._release_criterion()
         if self.hooks is not None:
             self.hooks.remove()
@@ -355,7 +377,12 @@ class PruningCallback(TrainerCallback):
             allow_non_finite: write weights holding NaN / Inf (a diverged run) instead of refusing them.
 
         Returns the checkpoint path (None on processes other than the main one).
+
+        A sharded (FSDP) model was never sliced: every process must call this, to gather the LoRA factors;
+        the main one then slices the original checkpoint by the removal masks and merges them
+        (`hfprune.export.save_pruned_from_adapters`).
         """
+        lora_state = distributed.gather_lora_state(trainer.model) if self.sharding else None  # a collective
         if not trainer.is_world_process_zero():
             return None
         output_dir = Path(output_dir) if output_dir is not None else Path(trainer.args.output_dir) / EXPORT_SUBDIR
@@ -366,11 +393,19 @@ class PruningCallback(TrainerCallback):
             overwrite = (output_dir / REPORT_FILE).is_file()
         if uniform is None and self.config.uniform:
             uniform = True
-        if not self.physically_pruned and self.masks is not None and not self.masks.is_full():
+        if not self.physically_pruned and not self.sharding and self.masks is not None and not self.masks.is_full():
             logger.warning("the weights were not sliced yet (training stopped before the pruning stage ended): "
                            "%s gets the unpruned model", output_dir)
-        from .export import save_pruned  # the export sits above the callback: imported when asked for
+        from .export import save_pruned, save_pruned_from_adapters  # the export sits above the callback
 
+        if self.sharding:
+            peft_config = getattr(trainer.model, "peft_config", None) or {}
+            return save_pruned_from_adapters(
+                output_dir, original_checkpoint=self.original_checkpoint, masks=self.masks,
+                lora_config=peft_config.get("default"), lora_state=lora_state, tokenizer=trainer.processing_class,
+                report=self.training_report(trainer), dtype=dtype, overwrite=overwrite,
+                max_shard_size=max_shard_size, uniform=uniform,
+            )
         return save_pruned(
             trainer.model,
             output_dir,

@@ -27,8 +27,8 @@ mean (FLAP's baseline bias)
 What is here: the statistics (`InputGram`, and `GramHooks` that collect them
 during ordinary forward passes), the math on one layer (`least_squares_map`,
 `mean_shift`) and its application to the modules the forward uses
-(`compensate_columns_` for nn.Linear, bitsandbytes Linear8bitLt and peft LoRA
-around either; `add_output_bias_`). Which groups to remove, when, and what the
+(`compensate_columns_` for nn.Linear, bitsandbytes Linear8bitLt / Linear4bit and peft
+LoRA around any; `add_output_bias_`). Which groups to remove, when, and what the
 export must record are the engine's business.
 
 The Gram matrix is of the *unmasked* input: `GramHooks` runs before hfprune's
@@ -48,6 +48,7 @@ from .importance.activation import CONSUMERS, TOKEN_BLOCK
 from .importance.base import ROW_BLOCK
 from .importance.weights import effective_weight
 from .structure import LayerStructure, base_layer, is_lora_wrapped, unwrap_model
+from . import bnb4bit
 from .surgery import is_int8_linear
 
 # The projections whose input columns carry a removable group: o_proj (heads), down_proj (channels).
@@ -456,6 +457,20 @@ def _compensate_int8_(module: nn.Module, keep: torch.Tensor, remove: torch.Tenso
             setattr(state, cached, None)
 
 
+def _compensate_4bit_(module: nn.Module, keep: torch.Tensor, remove: torch.Tensor, M: torch.Tensor) -> None:
+    """De-quantise the whole matrix (bitsandbytes' `dequantize_4bit`), update the kept columns, re-quantise
+    with the layer's quant type, block size and double quantisation (`hfprune.bnb4bit.quantize_like`).
+
+    Blocks run over the flat matrix, so no row-block shortcut as for int8: the float32 matrix is alive
+    while it is updated. The `Params4bit` object stays (optimizer and hook references remain valid); its
+    packed codes and quant state are new."""
+    bnb4bit.check_4bit_linear(module, "compensated layer")
+    dense = bnb4bit.dequantize_rows(module.weight)
+    _update_columns_(dense, keep, remove, M)
+    new = bnb4bit.quantize_like(module, dense)
+    bnb4bit.set_4bit_weight(module, new.data, new.quant_state, module.out_features, module.in_features)
+
+
 def _reject_dora(module: nn.Module) -> None:
     if any(len(getattr(module, name, {})) for name in ("lora_magnitude_vector", "lora_embedding_A")):
         raise TypeError(f"{type(module).__name__}: DoRA / embedding LoRA layers cannot be compensated; use plain LoRA")
@@ -469,6 +484,8 @@ def compensate_columns_(module: nn.Module, keep: Indices, remove: Indices, M: to
     - bitsandbytes `Linear8bitLt`: de-quantised, updated and re-quantised row by
       row with a new absmax scale (each weight moves by at most half a
       quantisation step, `SCB/254`, from the float result).
+    - bitsandbytes `Linear4bit` (NF4 / FP4): de-quantised, updated and re-quantised
+      in its own format (each weight lands on the nearest 4-bit code of its new block).
     - a peft LoRA wrapper around either: the base weight as above and every
       adapter's `lora_A` (`A_K += A_R @ M`), so `W + s·B·A` is compensated exactly
       for any adapter (`M` depends on the inputs only). DoRA is refused.
@@ -481,7 +498,9 @@ def compensate_columns_(module: nn.Module, keep: Indices, remove: Indices, M: to
     """
     inner = base_layer(module)
     if not isinstance(inner, nn.Linear):
-        raise TypeError(f"cannot compensate {type(inner).__name__}: expected nn.Linear, Linear8bitLt or a LoRA wrapper")
+        raise TypeError(
+            f"cannot compensate {type(inner).__name__}: expected nn.Linear, Linear8bitLt, Linear4bit or a LoRA wrapper"
+        )
     width = inner.in_features
     keep, remove = _index("keep", keep, width), _index("remove", remove, width)
     _disjoint(width, {"keep": keep, "remove": remove})
@@ -498,6 +517,8 @@ def compensate_columns_(module: nn.Module, keep: Indices, remove: Indices, M: to
     keep, remove, M = keep.to(device), remove.to(device), M.to(device=device, dtype=torch.float32)
     if is_int8_linear(inner):
         _compensate_int8_(inner, keep, remove, M)
+    elif bnb4bit.is_4bit_linear(inner):
+        _compensate_4bit_(inner, keep, remove, M)
     else:
         _update_columns_(inner.weight.data, keep, remove, M)
     if is_lora_wrapped(module):

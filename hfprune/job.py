@@ -373,6 +373,7 @@ def train(recipe: Recipe, inputs: JobInputs) -> TrainedRun:
         eval_dataset=inputs.eval_dataset,
         processing_class=inputs.tokenizer,
         load_in_8bit=model.load_in_8bit,
+        quantization_config=model.quantization_config(),
         model_init_kwargs=init_kwargs,
         max_length=recipe.data.max_length,
         train_on_prompt=recipe.data.train_on_prompt,

@@ -321,6 +321,12 @@ def dry_run(
             "the run loads an 8-bit base: slicing int8 rows/columns and their scales (Linear8bitLt) is not exercised "
             "on meta, only in the tests on real int8 layers"
         )
+    if recipe is not None and recipe.model.load_in_4bit:
+        notes.append(
+            "the run loads a 4-bit base: de-quantizing, slicing and re-quantizing Linear4bit weights is not exercised "
+            "on meta, only in the tests on real 4-bit layers (on the CPU, pruned widths must stay multiples of the "
+            "block size 64: round_channels_to)"
+        )
 
     layers = []
     for index, (widths, params) in before.items():

@@ -12,9 +12,11 @@ from torch import nn
 from .allocation import allocate, check_feasible, shortfall
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
+from .distributed import check_resident
 from .compensator import make_compensator
 from .importance import make_accumulator, make_criterion, score_layers, score_model
 from .masking import PruningMasks
+from .quantization import check_quantized_base
 from .removal import record_removal
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
@@ -44,6 +46,8 @@ def prune_model(
     structure = discover_for_config(model, config)
     check_feasible(structure, config)
     criterion = make_criterion(config)
+    check_quantized_base(model, structure, config, criterion)
+    check_resident(model, structure)
     compensator = make_compensator(config)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
         what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")

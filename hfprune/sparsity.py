@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bnb4bit import logical_numel
 from .masking import PruningMasks
 from .structure import ModelStructure
 
@@ -53,5 +54,5 @@ def removed_params(structure: ModelStructure, masks: PruningMasks) -> int:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the base model, LoRA adapters excluded."""
-    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    """Parameters of the base model, LoRA adapters excluded (a packed 4-bit weight counts its [out, in] values)."""
+    return sum(logical_numel(p) for name, p in model.named_parameters() if "lora_" not in name)

@@ -39,6 +39,7 @@ from .config import PruningConfig
 from .data import check_records, longest_sequence, prepare_dataset
 from .importance import make_criterion
 from .model_source import check_model_source
+from .quantization import bnb_config, check_criterion_fits_base, check_quantization_config, quantized_kind
 from .structure import discover_for_config, unwrap_model
 from .surgery import remove_pruned_groups
 
@@ -46,7 +47,18 @@ logger = logging.getLogger(__name__)
 
 
 def _is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    return quantized_kind(model) is not None
+
+
+def _requested_kind(quantization_config) -> Optional[str]:
+    """What a bitsandbytes config will load: "8-bit", "4-bit" or None (another quantization method)."""
+    if quantization_config is None:
+        return None
+    get = quantization_config.get if isinstance(quantization_config, dict) else (
+        lambda name, default=None: getattr(quantization_config, name, default))
+    if get("load_in_4bit", False):
+        return "4-bit"
+    return "8-bit" if get("load_in_8bit", False) else None
 
 
 def _kbit_device_map():
@@ -98,8 +110,10 @@ class PruningTrainer(Trainer):
         pruning_config: `PruningConfig`; defaults to `PruningConfig()` (20%, "lora", cubic).
         peft_config: `peft.LoraConfig` applied when the model is not a `PeftModel` yet. With the
             "lora" criterion and no config, LoRAPrune's rank-8 LoRA on all projections is used.
-        quantization_config / load_in_8bit: how a hub id is loaded. The 8-bit base is the default
-            for `importance="lora"`; full-gradient criteria need a full-precision base.
+        quantization_config / load_in_8bit / load_in_4bit: how a hub id is loaded. The 8-bit base is the
+            default for criteria that need no weight gradient; `load_in_4bit=True` loads QLoRA's 4-bit base
+            (NF4, double quantization, bfloat16 compute; pass a `BitsAndBytesConfig(load_in_4bit=True, ...)`
+            as `quantization_config` for other settings). Full-gradient criteria need a full-precision base.
         train_dataset / eval_dataset: alpaca, chat, plain-text or tokenised records (see `hfprune.data`).
         processing_class: the tokenizer (loaded from the model id when omitted).
         max_length: truncation length when tokenising; train_on_prompt: also train on prompt tokens.
@@ -120,6 +134,7 @@ class PruningTrainer(Trainer):
         callbacks: Optional[list] = None,
         quantization_config=None,
         load_in_8bit: Optional[bool] = None,
+        load_in_4bit: bool = False,
         model_init_kwargs: Optional[dict] = None,
         max_length: int = 512,
         train_on_prompt: bool = False,
@@ -131,28 +146,34 @@ class PruningTrainer(Trainer):
         self._warned_no_teacher = False
         self._distill_sums: dict[str, float] = {}  # loss parts since the last log, as `distill/<part>` means
         self._distill_count = 0
-        needs_full_gradients = make_criterion(self.pruning_config).needs_weight_gradients
+        criterion = make_criterion(self.pruning_config)
+        importance = self.pruning_config.importance
         # Empty or unusable data sets are refused before the model is loaded.
         for what, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_records(dataset, what)
         if isinstance(model, str):
-            if load_in_8bit is None:
-                load_in_8bit = quantization_config is None and not needs_full_gradients
-            if load_in_8bit and needs_full_gradients:
+            check_quantization_config(quantization_config)
+            if load_in_4bit and (load_in_8bit or quantization_config is not None):
                 raise ValueError(
-                    f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "
-                    "cannot have: pass load_in_8bit=False, or use importance='lora'"
+                    "load_in_4bit=True with " + ("load_in_8bit=True" if load_in_8bit else "a quantization_config")
+                    + ": a base is quantized one way; pass one of them"
                 )
+            if load_in_8bit is None:
+                load_in_8bit = quantization_config is None and not load_in_4bit and not criterion.needs_weight_gradients
+            if load_in_4bit:
+                quantization_config = bnb_config(load_in_4bit=True)
+            kind = "8-bit" if load_in_8bit else _requested_kind(quantization_config)
+            try:
+                check_criterion_fits_base(criterion, importance, kind)
+            except ValueError as error:
+                flag = "load_in_8bit=False" if load_in_8bit else "no quantization_config / load_in_4bit"
+                raise ValueError(f"{error}; here: pass {flag}") from None
             model_id = check_model_source(model, "model")  # a missing path or pickle weights: before loading
             model = load_model(model_id, load_in_8bit, quantization_config, model_init_kwargs)
             if processing_class is None:
                 processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path or model_id)
-        if needs_full_gradients and _is_quantized(unwrap_model(model)):
-            raise ValueError(
-                f"importance={self.pruning_config.importance!r} needs full weight gradients, which an 8-bit base "
-                "cannot have: load the model in bf16/fp32, or use importance='lora'"
-            )
+        check_criterion_fits_base(criterion, importance, quantized_kind(model))
         args = args or TrainingArguments(output_dir="hfprune-output")
         set_seed(args.seed)  # as Trainer.__init__ does, but before the LoRA weights are drawn: same seed, same run
         self.pruning_callback = PruningCallback(self.pruning_config)

@@ -112,3 +112,17 @@ def test_run_all_assembles_results_and_never_touches_committed_ones(smoke):
     for name in SCRIPTS:
         assert f"benchmarks/{name}.py" in results and "--smoke" in results
     assert _snapshot() == before, "a smoke run modified benchmarks/RESULTS.md or benchmarks/results/"
+
+
+def test_estimator_validation_smoke_covers_the_quantized_bases():
+    """`validate_estimator.py --smoke`: the 8-bit and 4-bit setups measured against the estimator, within 5%."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    before = _snapshot()
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "validate_estimator.py"), "--smoke"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| smoke |") and "bit" in line]
+    setups = {row[4].strip(): float(row[7]) for row in rows if len(row) > 12}
+    assert {"lora-8bit", "lora-4bit", "lora-4bit-ckpt", "activation_taylor-4bit-ckpt"} <= set(setups)
+    assert all(abs(ratio - 1) <= 0.05 for ratio in setups.values()), setups
+    assert _snapshot() == before

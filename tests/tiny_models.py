@@ -118,3 +118,18 @@ def save_tiny(name: str, path, **overrides):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+# A tiny Llama whose every 4-bit layer bitsandbytes 0.50 computes right on the CPU: in_features a multiple of the
+# block size 64 (hfprune.bnb4bit.cpu_dequantize_is_wrong), and head_dim 64 so a removed head is whole blocks of
+# o_proj. Pruned MLP widths must stay multiples of 64 too: PruningConfig(round_channels_to=64).
+FOUR_BIT_SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def load_4bit(path, quant_type: str = "nf4", double_quant: bool = False, compute_dtype=torch.float32):
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                      bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu",
+                                                dtype=torch.float32).eval()

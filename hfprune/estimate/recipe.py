@@ -17,7 +17,7 @@ def recipe_settings(recipe) -> dict[str, Any]:
     model, training, lora = recipe.model, recipe.training, recipe.lora
     criterion = recipe.pruning.importance
     cost = CriterionCost.of(criterion)
-    load_in_4bit = bool(getattr(model, "load_in_4bit", False))  # a field once recipes load a 4-bit base (#13)
+    load_in_4bit = bool(model.load_in_4bit)
     load_in_8bit = model.load_in_8bit
     if load_in_8bit is None:  # PruningTrainer's default
         load_in_8bit = not load_in_4bit and not cost.full_gradients
@@ -37,6 +37,8 @@ def recipe_settings(recipe) -> dict[str, Any]:
         "optimizer": _optimizer(training.optim),
         "lora_r": 0,
     }
+    if load_in_4bit:
+        settings["double_quant"] = bool(model.bnb_4bit_use_double_quant)
     if model.attn_implementation:
         # fused kernels (flash attention, ...) keep what SDPA keeps
         settings["attn_implementation"] = "eager" if model.attn_implementation == "eager" else "sdpa"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "save_pruned": "save",
     "export_gguf": "gguf",
+    "save_pruned_from_adapters": "adapters",
     "build_export_config": "config",
     "register_auto_classes": "registration",
     "PickleCheckpointError": "safety",
@@ -44,6 +45,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import save_pruned_from_adapters
     from .config import build_export_config
     from .gguf import export_gguf
     from .registration import register_auto_classes

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..bnb4bit import logical_shape
 from ..structure import base_layer, is_lora_wrapped, unwrap_model
 
 
@@ -33,6 +34,11 @@ class ModelTensor:
     trained_copy: bool = False  # a peft `modules_to_save` copy: trained, whatever its requires_grad says now
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the exported tensor: a packed 4-bit weight stands for its [out, in] matrix."""
+        return tuple(logical_shape(self.tensor))
+
+    @property
     def quantized(self) -> bool:
         """int8 (or packed 4-bit) values: only the original checkpoint has the full-precision weight."""
         return not (self.tensor.is_floating_point() or self.tensor.dtype == torch.bool)
@@ -40,9 +46,10 @@ class ModelTensor:
     @property
     def from_memory(self) -> bool:
         """Exported from memory even when an original checkpoint is read: it may have been trained
-        (requires_grad, or a `modules_to_save` copy). Frozen weights come from the original."""
+        (requires_grad, or a `modules_to_save` copy). Frozen weights come from the original, and so do
+        weights on the meta device (offloaded by a device_map, or a skeleton's): memory does not hold them."""
         trainable = self.trained_copy or bool(getattr(self.tensor, "requires_grad", False))
-        return trainable and not self.quantized
+        return trainable and not self.quantized and self.tensor.device.type != "meta"
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:

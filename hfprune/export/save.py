@@ -99,6 +99,13 @@ def save_pruned(
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
+    from ..distributed import sharding
+
+    if sharding(model):
+        raise ValueError(
+            f"the model's parameters are {sharding(model)} shards: export with "
+            "hfprune.export.save_pruned_from_adapters (original checkpoint + removal masks + gathered LoRA factors)"
+        )
     non_finite = _check_finite(model, allow_non_finite)
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _parse_dtype(dtype)
@@ -120,9 +127,10 @@ def save_pruned(
         original_checkpoint = inner.config.name_or_path or None
         if not original_checkpoint:
             raise ValueError(
-                f"{len(quantized)} weights (e.g. {quantized[0]}) are int8 in memory: pass original_checkpoint= (the "
+                f"{len(quantized)} weights (e.g. {quantized[0]}) are quantized (int8 / 4-bit) in memory: pass "
+                "original_checkpoint= (the "
                 "unpruned safetensors checkpoint, local path or hub id) so the full-precision weights can be re-read; "
-                "hfprune never merges LoRA into de-quantised int8 values"
+                "hfprune never merges LoRA into de-quantised values"
             )
     original = OriginalCheckpoint(original_checkpoint) if original_checkpoint is not None else None
     if original is not None:
@@ -247,8 +255,8 @@ def _write_weights(
         if entry.quantized:
             where = f"the original checkpoint {original.name}" if original is not None else "an original checkpoint"
             raise ValueError(
-                f"{name} is int8 in memory and not in {where}: its full-precision value is unknown; hfprune never "
-                "exports de-quantised int8 weights"
+                f"{name} is quantized (int8 / 4-bit) in memory and not in {where}: its full-precision value is "
+                "unknown; hfprune never exports de-quantised weights"
             )
         if entry.tensor.device.type == "meta":
             raise ValueError(f"{name} is on the meta device (offloaded?): load the model fully before exporting")
@@ -303,10 +311,10 @@ def _stream_original(
             source[:, column_map.kept] = column_map.apply(loaded)
             stats["compensated"].append(name)
         tensor = slice_original(source, rule, masks, head_dims.get(rule.layer) if rule else 0, name)
-        if tuple(tensor.shape) != tuple(entry.tensor.shape):
+        if tuple(tensor.shape) != entry.shape:
             raise ValueError(
                 f"{name}: the original checkpoint's tensor, sliced by the masks, has shape {list(tensor.shape)} but "
-                f"the model's has {list(entry.tensor.shape)}; the masks must be the ones that pruned this model, "
+                f"the model's has {list(entry.shape)}; the masks must be the ones that pruned this model, "
                 "in the original checkpoint's index space"
             )
         delta = lora_delta(entry)  # the original never contains it, merged in memory or not
@@ -353,8 +361,8 @@ def _check_frozen_tensor_matches(
     wrappers are gone, the deltas would be lost) and an `original_checkpoint` of another model.
     Tolerance: the rounding of the coarser of the two dtypes.
     """
-    if not (original.is_floating_point() and entry.tensor.is_floating_point()):
-        return
+    if not (original.is_floating_point() and entry.tensor.is_floating_point()) or entry.tensor.device.type == "meta":
+        return  # nothing to compare: quantized, or a skeleton's (save_pruned_from_adapters)
     held = entry.tensor.detach()
     if merged_delta is None and held.dtype == original.dtype and torch.equal(held.cpu(), original):
         return  # the common case, without float32 copies
@@ -410,7 +418,7 @@ def _is_pruned(entries: dict[str, ModelTensor], structure: ModelStructure, origi
     """Do the model's prunable tensors differ in shape from the original checkpoint's?"""
     headers = original.headers()
     return any(
-        name in headers and name in entries and tuple(entries[name].tensor.shape) != headers[name][0]
+        name in headers and name in entries and entries[name].shape != tuple(headers[name][0])
         for name in slice_rules(structure)
     )
 

@@ -5,7 +5,7 @@ The training callback (every optimizer step) and `prune_model` (one shot) both c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..structure import ModelStructure
 from .accumulator import ScoreAccumulator
@@ -42,10 +42,16 @@ def score_layers(structure: ModelStructure, criterion: ImportanceCriterion) -> d
     return step_scores
 
 
-def score_model(structure: ModelStructure, criterion: ImportanceCriterion, accumulator: ScoreAccumulator) -> bool:
+def score_model(structure: ModelStructure, criterion: ImportanceCriterion, accumulator: ScoreAccumulator,
+                reduce: Optional[Callable[[dict, ModelStructure], dict]] = None) -> bool:
     """Score every prunable layer once and fold the result into `accumulator`.
 
+    `reduce(step_scores, structure)` combines the step's scores before they are folded in (the
+    callback averages hook criteria's scores over the ranks: `hfprune.distributed.average_scores`).
     False when nothing was folded in: the criterion had nothing to score (no gradient this step) or
     the scores were not finite (the accumulator counts those in `num_skipped`).
     """
-    return accumulator.update(score_layers(structure, criterion))
+    step_scores = score_layers(structure, criterion)
+    if reduce is not None:
+        step_scores = reduce(step_scores, structure)
+    return accumulator.update(step_scores)

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..bnb4bit import dequantize_rows, is_4bit_linear
 from ..structure import base_layer, is_lora_wrapped
 
 ALL_ROWS = slice(None)
@@ -14,9 +15,12 @@ ALL_ROWS = slice(None)
 
 def dense_weight(module: nn.Module, rows: slice = ALL_ROWS) -> torch.Tensor:
     """Rows of the base weight in float32. An int8 `Linear8bitLt` weight is
-    de-quantised with its per-row scales: `W = CB * SCB / 127`."""
+    de-quantised with its per-row scales: `W = CB * SCB / 127`; a 4-bit `Linear4bit`
+    one by bitsandbytes' `dequantize_4bit` with its quant state (never the packed bytes)."""
     inner = base_layer(module)
     weight = inner.weight
+    if is_4bit_linear(inner):
+        return dequantize_rows(weight, rows)
     if weight.dtype == torch.int8:
         scales = getattr(weight, "SCB", None)
         if scales is None:

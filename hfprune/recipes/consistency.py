@@ -20,20 +20,22 @@ def check_consistency(recipe) -> None:
         criterion = get_importance(pruning.importance)
     except ValueError as error:
         raise RecipeError(f"{where}: pruning.importance: {one_line(error)}") from None
-    if criterion.needs_weight_gradients and model.load_in_8bit:
-        raise RecipeError(
-            f"{where}: model.load_in_8bit=true with pruning.importance={pruning.importance!r}: this criterion needs "
-            "full weight gradients, which an 8-bit base cannot have; set model.load_in_8bit: false or "
-            "pruning.importance: lora"
-        )
+    for flag, kind in (("load_in_8bit", "an 8-bit"), ("load_in_4bit", "a 4-bit")):
+        if criterion.needs_weight_gradients and getattr(model, flag):
+            raise RecipeError(
+                f"{where}: model.{flag}=true with pruning.importance={pruning.importance!r}: this criterion needs "
+                f"full weight gradients, which {kind} base cannot have; set model.{flag}: false or "
+                "pruning.importance: lora (or activation_taylor)"
+            )
     check_training(recipe.training, where)
     training = recipe.training
     if getattr(training, "fsdp", None) or getattr(training, "deepspeed", None):
         which = "training.fsdp" if getattr(training, "fsdp", None) else "training.deepspeed"
         raise RecipeError(
-            f"{where}: {which}: sharded training is not supported: scoring reads whole LoRA factors and weight "
-            "rows, and slicing needs whole parameters, which FSDP / DeepSpeed ZeRO keep as flat shards; use data "
-            "parallelism (accelerate launch / torchrun without FSDP or DeepSpeed), see docs/distributed.md"
+            f"{where}: {which}: sharded training is not supported by hfprune prune: slicing needs whole "
+            "parameters, which FSDP / DeepSpeed ZeRO keep as shards; use data parallelism (accelerate launch / "
+            "torchrun without FSDP or DeepSpeed), or FSDP2 with importance='activation_taylor' through the Python "
+            "API (PruningTrainer / PruningCallback; exported from the original checkpoint), see docs/distributed.md"
         )
     if pruning.importance == "lora":
         missing = _lora_missing_roles(recipe.lora)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .. import validation as check
+from ..quantization import COMPUTE_DTYPES, QUANT_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPORT_DTYPES = DTYPES[1:]
@@ -40,6 +41,19 @@ class ModelSection:
     load_in_8bit: Optional[bool] = field(
         default=None, metadata={"help": "Load a frozen int8 base (bitsandbytes); None: 8-bit for importance='lora'."}
     )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load a frozen 4-bit base (bitsandbytes Linear4bit, QLoRA-style)."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type (with load_in_4bit).", "choices": QUANT_TYPES}
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype 4-bit weights are de-quantized to for each matmul.",
+                                      "choices": COMPUTE_DTYPES}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit block scales too (about 0.4 bit per weight less)."}
+    )
     dtype: str = field(default="auto", metadata={"help": "dtype of the loaded weights.", "choices": DTYPES})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow modeling code from the hub."})
     attn_implementation: Optional[str] = field(
@@ -54,10 +68,31 @@ class ModelSection:
         for name in ("model_config", "revision", "attn_implementation"):
             check.text(name, getattr(self, name), optional=True)
         check.boolean("load_in_8bit", self.load_in_8bit, optional=True)
+        check.boolean("load_in_4bit", self.load_in_4bit)
+        check.choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
+        check.choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
+        check.boolean("bnb_4bit_use_double_quant", self.bnb_4bit_use_double_quant)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit=true with load_in_8bit=true: a base is quantized one way; choose one")
+        if not self.load_in_4bit:
+            changed = [f.name for f in dataclasses.fields(self) if f.name.startswith("bnb_4bit_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{changed[0]}={getattr(self, changed[0])!r} without load_in_4bit=true: it only "
+                                 "applies to a 4-bit base; set load_in_4bit: true or remove it")
         check.choice("dtype", self.dtype, DTYPES)
         check.boolean("trust_remote_code", self.trust_remote_code)
         if self.device_map is not None and not isinstance(self.device_map, (str, dict)):
             raise TypeError(f"device_map={self.device_map!r}: must be a string (auto, cpu, ...), a mapping or None")
+
+    def quantization_config(self):
+        """The `BitsAndBytesConfig` of a 4-bit base, None otherwise (the 8-bit one is `load_in_8bit`'s)."""
+        if not self.load_in_4bit:
+            return None
+        from ..quantization import bnb_config
+
+        return bnb_config(load_in_4bit=True, quant_type=self.bnb_4bit_quant_type,
+                          compute_dtype=self.bnb_4bit_compute_dtype, double_quant=self.bnb_4bit_use_double_quant)
 
 
 @dataclass
