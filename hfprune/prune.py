@@ -39,15 +39,16 @@ def prune_model(
     and `labels`) for criteria that need forward passes or gradients, and for
     `compensation`; each batch is one forward (and backward) pass and the scores are
     averaged. A batch whose loss or gradients are not finite (an overflow) is skipped
-    and the skips are logged; only when no batch is usable does it fail. What was removed (masks in the original index space, compensation maps)
-    is attached to the model (`hfprune.removal`), so `save_pruned(model, dir,
-    original_checkpoint=...)` can re-read and slice the full-precision original.
+    and the skips are logged; only when no batch is usable does it fail. What was
+    removed (masks in the original index space, compensation maps) is attached to the
+    model (`hfprune.removal`), so `save_pruned(model, dir, original_checkpoint=...)` can
+    re-read and slice the full-precision original.
     """
     structure = discover_for_config(model, config)
-    check_feasible(structure, config)
     criterion = make_criterion(config)
-    check_quantized_base(model, structure, config, criterion)
+    check_quantized_base(model, structure, config, criterion)  # what the base can do at all comes first
     check_resident(model, structure)
+    check_feasible(structure, config)
     compensator = make_compensator(config)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
         what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")

@@ -344,11 +344,11 @@ def test_cpu_widths_bitsandbytes_computes_wrongly_are_refused_before_work(tmp_pa
     from hfprune.bnb4bit import cpu_dequantize_is_wrong
 
     # the bitsandbytes behaviour the rule stands for: its CPU kernel de-quantizes a 96-wide matrix wrongly
-    weight = torch.randn(8, 96)
+    weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
     packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4")
     blocks = weight.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
     error = ((dequantize_4bit(packed, state) - weight).reshape(-1, 64).abs() / blocks).max()
-    assert error > 0.3  # a right de-quantization is within half the widest code gap, 0.152 of the block's absmax
+    assert error > 0.2  # a right de-quantization is within half the widest code gap, 0.152 of the block's absmax
     assert cpu_dequantize_is_wrong(96, 64) and not cpu_dequantize_is_wrong(128, 64)
     assert not cpu_dequantize_is_wrong(100, 64) and not cpu_dequantize_is_wrong(67, 64)
 
