@@ -16,7 +16,10 @@ Units of removal per layer:
 prunable layer: KV groups / head levels first (rounded down, they are coarse),
 then MLP channels up to the layer's exact parameter budget. "global" ranking
 takes units across all prunable layers in order of score per parameter removed,
-within the per-layer floors (`min_heads`, `min_channels`).
+within the per-layer floors (`min_heads`, `min_channels`) and, by default, within
+`global_spread` of each layer's proportional share (no layer wiped out, none
+left untouched); its scores are normalised per projection role across all
+layers (`normalize="auto"`), so they stay comparable from layer to layer.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def _final_local_plan(layer: LayerStructure, config: PruningConfig) -> _LayerPla
 def _global_plans(
     layers: list[LayerStructure], scores: dict[int, GroupScores], config: PruningConfig, progress: float, previous
 ) -> dict[int, _LayerPlan]:
-    """Greedy: lowest score per parameter first, within the floors, until the budget is met."""
+    """Greedy: lowest score per parameter first, within the floors and `global_spread`, until the budget is met."""
     plans = {layer.index: _LayerPlan() for layer in layers}
     by_index = {layer.index: layer for layer in layers}
     candidates: dict[str, list] = {"heads": [], "channels": []}
@@ -136,9 +139,14 @@ def _global_plans(
             cost = layer.params_per_channel
             candidates["channels"].append((score / cost, layer.index, rank, cost, "channels"))
 
-    def walk(pool: list, budget: float) -> None:
-        removed = 0
-        for _, index, rank, cost, kind in sorted(pool, key=lambda c: c[:3]):
+    taken: dict[int, float] = {layer.index: 0.0 for layer in layers}  # parameters each layer gave up
+
+    def walk(pool: list, budget: float, layer_share: dict[int, float], removed: float = 0.0,
+             forced: bool = False) -> float:
+        """Take units in order of score per parameter until `budget`, no layer past its `layer_share`
+        (with `forced`: every layer up to its share, lowest scores first, whatever the others')."""
+        ordered = sorted(pool, key=lambda c: (c[1], c[0], c[2]) if forced else c[:3])
+        for _, index, rank, cost, kind in ordered:
             plan, layer = plans[index], by_index[index]
             count = plan.head_units if kind == "heads" else plan.channels
             limit = _max_head_units(layer, config) if kind == "heads" else _max_channels(layer, config)
@@ -147,21 +155,41 @@ def _global_plans(
             slack = cost / 2 if kind == "channels" else 0
             if rank != count or count >= limit or removed + cost > budget + slack:
                 continue
+            if taken[index] + cost > layer_share[index] + slack:
+                continue
             if kind == "heads":
                 plan.head_units += 1
             else:
                 plan.channels += 1
+            taken[index] += cost
             removed += cost
+        return removed
+
+    def bounded_walk(pool: list, budget: float, layer_params: dict[int, float]) -> None:
+        """Global ranking within [1 - spread, 1 + spread] x each layer's proportional share of the budget."""
+        total = sum(layer_params.values())
+        share = {i: budget * p / total for i, p in layer_params.items()}
+        spread = config.global_spread
+        if spread is None:
+            walk(pool, budget, {i: float("inf") for i in share})
+            return
+        removed = walk(pool, budget, {i: (1 - spread) * s for i, s in share.items()}, forced=True)
+        walk(pool, budget, {i: (1 + spread) * s for i, s in share.items()}, removed)
 
     enabled = [kind for kind in ("heads", "channels") if kind in config.structures]
     if config.separate_targets:
         if "heads" in enabled and config.head_sparsity:
-            walk(candidates["heads"], sum(config.head_sparsity * progress * l.attention_params for l in layers))
+            bounded_walk(candidates["heads"], sum(config.head_sparsity * progress * l.attention_params for l in layers),
+                         {l.index: l.attention_params for l in layers})
         if "channels" in enabled and config.channel_sparsity:
-            walk(candidates["channels"], sum(config.channel_sparsity * progress * l.mlp_params for l in layers))
+            for index in taken:
+                taken[index] = 0.0
+            bounded_walk(candidates["channels"], sum(config.channel_sparsity * progress * l.mlp_params for l in layers),
+                         {l.index: l.mlp_params for l in layers})
     else:
         prunable = sum(layer.attention_params + layer.mlp_params for layer in layers)
-        walk([c for kind in enabled for c in candidates[kind]], config.target_sparsity * progress * prunable)
+        bounded_walk([c for kind in enabled for c in candidates[kind]], config.target_sparsity * progress * prunable,
+                     {l.index: l.attention_params + l.mlp_params for l in layers})
     for layer in layers:
         plan = plans[layer.index]
         plan.head_units = _round_head_units(layer, config, plan.head_units)

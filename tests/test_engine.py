@@ -249,7 +249,7 @@ def test_unknown_criterion_lists_the_valid_ones():
 def test_global_allocation_respects_floors_and_the_exact_target():
     model = tiny_model("llama", num_hidden_layers=6)
     config = PruningConfig(target_sparsity=0.35, importance="magnitude", ranking="global", protected_layers=(0,),
-                           min_channels=40, min_heads=4, normalize="none")
+                           min_channels=40, min_heads=4, normalize="none", global_spread=None)
     structure = discover(model, protected_layers=config.protected_layers)
     prunable = structure.prunable_params()
     # make layer 3 much less important, so a global ranking takes more from it
@@ -265,3 +265,36 @@ def test_global_allocation_respects_floors_and_the_exact_target():
     assert kept_channels[3] == min(kept_channels.values()) == 40  # the floor binds where scores are lowest
     assert all(int(masks[i].heads.sum()) >= 4 for i in range(1, 6))
     assert masks[0].heads.all() and masks[0].channels.all()
+
+
+@pytest.mark.parametrize("spread", [0.2, 0.5])
+def test_bounded_global_allocation_keeps_every_layer_within_its_spread(spread):
+    """Global ranking takes more from the least important layer, but no layer gives up more than (1 + spread) or
+    less than (1 - spread) times its share, and the total is the target."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    config = PruningConfig(target_sparsity=0.3, importance="magnitude", ranking="global", protected_layers=(0,),
+                           structures=("channels",), global_spread=spread)
+    assert config.score_normalization == "global"  # auto: comparable across layers
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.01)  # layer 3 barely matters
+    structure = discover(model, protected_layers=config.protected_layers)
+    accumulator = ScoreAccumulator(normalize=config.score_normalization)
+    score_model(structure, get_importance("magnitude"), accumulator)
+    masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
+    share = 0.3 * (structure.layers[1].attention_params + structure.layers[1].mlp_params)
+    per_channel = structure.layers[1].params_per_channel
+    removed = {i: (96 - int(masks[i].channels.sum())) * per_channel for i in range(1, 6)}
+    assert abs(sum(removed.values()) - 5 * share) <= per_channel
+    for i, r in removed.items():
+        assert (1 - spread) * share - per_channel <= r <= (1 + spread) * share + per_channel, (i, r, share)
+    assert removed[3] == max(removed.values()) and removed[3] >= (1 + spread) * share - per_channel
+
+
+def test_global_normalization_keeps_the_size_of_a_layer_relative_to_the_others():
+    from hfprune.importance import normalize_module_scores
+    from hfprune.importance.base import normalize_role_scores
+
+    step = {0: {"down_proj": torch.tensor([3.0, 4.0])}, 1: {"down_proj": torch.tensor([0.3, 0.4])}}
+    by_role = normalize_role_scores(step)
+    assert torch.allclose(by_role[0]["down_proj"] / by_role[1]["down_proj"], torch.tensor([10.0, 10.0]))
+    assert torch.allclose(normalize_module_scores(step[0])["down_proj"], normalize_module_scores(step[1])["down_proj"])

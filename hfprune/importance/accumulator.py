@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..structure import LayerStructure
-from .base import GroupScores, ModuleScores, group_scores, normalize_module_scores
+from .base import GroupScores, ModuleScores, group_scores, normalize_module_scores, normalize_role_scores
 
 
 class ScoreAccumulator:
@@ -18,7 +18,13 @@ class ScoreAccumulator:
     step cannot poison the average (LoRAPrune skips such steps the same way).
     """
 
-    def __init__(self, decay: float = 0.9, normalize: bool = True, signed: bool = False):
+    def __init__(self, decay: float = 0.9, normalize="module", signed: bool = False):
+        # normalize: "module" (each layer's modules, LoRAPrune), "global" (each role over all layers), "none";
+        # True / False mean "module" / "none".
+        if normalize is True or normalize is False:
+            normalize = "module" if normalize else "none"
+        if normalize not in ("module", "global", "none"):
+            raise ValueError(f"normalize={normalize!r}: must be one of module, global, none")
         self.decay = decay
         self.normalize = normalize
         self.signed = signed
@@ -33,9 +39,12 @@ class ScoreAccumulator:
         if not all(torch.isfinite(s).all() for scores in step_scores.values() for s in scores.values()):
             self.num_skipped += 1
             return False
+        step_scores = {index: {role: s.detach().float().cpu() for role, s in scores.items()}
+                       for index, scores in step_scores.items()}
+        if self.normalize == "global":
+            step_scores = normalize_role_scores(step_scores)
         for index, scores in step_scores.items():
-            scores = {role: s.detach().float().cpu() for role, s in scores.items()}
-            if self.normalize:
+            if self.normalize == "module":
                 scores = normalize_module_scores(scores)
             old = self.scores.get(index)
             if old is None or any(old[r].shape != s.shape for r, s in scores.items()):

@@ -75,6 +75,17 @@ def normalize_module_scores(scores: ModuleScores) -> ModuleScores:
     return {role: s / (torch.linalg.vector_norm(s) + 1e-8) for role, s in scores.items()}
 
 
+def normalize_role_scores(step_scores: dict[int, ModuleScores]) -> dict[int, ModuleScores]:
+    """Each projection role L2-normalised once over all layers: roles are balanced as by
+    `normalize_module_scores`, but a layer's scores keep their size relative to other layers'."""
+    norms: dict[str, float] = {}
+    for scores in step_scores.values():
+        for role, s in scores.items():
+            norms[role] = norms.get(role, 0.0) + float(s.double().pow(2).sum())
+    return {index: {role: s / (norms[role] ** 0.5 + 1e-8) for role, s in scores.items()}
+            for index, scores in step_scores.items()}
+
+
 def group_scores(scores: ModuleScores, n_rep: int) -> GroupScores:
     heads = scores["q_proj"] + scores["o_proj"]
     kv_groups = scores["k_proj"] + scores["v_proj"] + heads.view(-1, n_rep).sum(dim=1)

@@ -26,7 +26,7 @@ def make_accumulator(config: "PruningConfig", criterion: ImportanceCriterion, *,
     """The EMA the config asks for (`one_shot`: no history, the last scoring is the score)."""
     return ScoreAccumulator(
         decay=0.0 if one_shot else config.ema_decay,
-        normalize=config.normalize == "module",
+        normalize=config.score_normalization,
         signed=criterion.signed,
     )
 
