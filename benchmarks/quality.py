@@ -18,8 +18,9 @@ What a run is (the tables below are the place to edit):
 * BUDGETS: a protocol; every method in it gets the same text and the same optimizer steps.
   `oneshot`: no recovery; `prune_model` and Torch-Pruning's one shot from the same calibration batches
   (N random windows of L tokens of C4 [40:300), LLM-Pruner's 10 x 64 by default). `budget16`:
-  16 steps of 4 x 128 tokens (hfprune: 8 progressive pruning steps, then recovery; Torch-Pruning: one
-  shot from those 8 batches, then 16 LoRA steps). `budget200`: the quality recipes' 200 steps of
+  16 batches of 4 x 128 tokens (hfprune: 8 progressive pruning steps, then 8 of recovery; Torch-Pruning:
+  one shot from the first 8 batches, then 8 LoRA steps on the other 8: the same text, recovery steps and
+  backward passes). `budget200`: the quality recipes' 200 steps of
   2 x 256 tokens (C4 first, then Alpaca; lr 5e-4), perplexity every 25 steps for the curve.
 * PLAN: which methods, sparsities, structures, seeds (and calibrations) each budget runs, and whether
   its final models get zero-shot accuracy (PIQA, ARC-Easy, WinoGrande, HellaSwag: minutes per model).
@@ -61,6 +62,10 @@ METHODS = {
     "act-taylor": {"importance": "activation_taylor"},
     "act-taylor+ls": {"importance": "activation_taylor", "compensation": "least_squares"},
     "act-taylor-global": {"importance": "activation_taylor", "ranking": "global"},
+    "act-taylor+ls-global": {"importance": "activation_taylor", "compensation": "least_squares", "ranking": "global"},
+    # scores and Gram statistics over the whole pruning stage, every group removed at its end (as a one-shot peer)
+    "act-taylor+ls-oneshot": {"importance": "activation_taylor", "compensation": "least_squares",
+                              "schedule": "one_shot"},
     "flap": {"importance": "flap"},
     # The quality recipes' settings (recipes/smollm2-135m-quality-20.yaml) within a budget's protocol.
     "recipe": {"importance": "activation_taylor", "physical_removal": "at_end",

@@ -40,7 +40,7 @@ from .atomic import check_export_dir, save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
 from .checkpoints import STATE_FILE, last_complete_checkpoint
 from .config import PruningConfig
-from .compensator import CompensationRecord, make_compensator
+from .compensator import make_compensator, replay_on_base
 from .importance import make_accumulator, make_criterion, score_model
 from .masking import MaskHooks, PruningMasks
 from .quantization import check_quantized_base
@@ -122,7 +122,7 @@ class PruningCallback(TrainerCallback):
         if self.removal_masks is not None:
             tensors.update({f"removal.{k}": v for k, v in self.removal_masks.state_dict().items()})
         if self.compensator is not None:
-            tensors.update(self.compensator.record.state_dict())
+            tensors.update(self.compensator.state_dict())
         metadata = {
             "config": json.dumps(self.config.to_dict()),
             "physically_pruned": json.dumps(self.physically_pruned),
@@ -181,7 +181,7 @@ class PruningCallback(TrainerCallback):
                 {k[len("removal."):]: v for k, v in tensors.items() if k.startswith("removal.")}
             )
         if self.compensator is not None:
-            self.compensator.record = CompensationRecord.from_state_dict(tensors)
+            self.compensator.load_state_dict(tensors)
         self.history = json.loads(metadata.get("history", "[]"))
         self.warnings = json.loads(metadata.get("warnings", "[]"))
         self._original_prunable = int(metadata.get("original_prunable", self._original_prunable))
@@ -198,6 +198,9 @@ class PruningCallback(TrainerCallback):
         self.structure = discover_for_config(model, self.config)
         self.sharding = distributed.sharding(model)
         distributed.check_sharded_criterion(self.sharding, self.criterion, self.config.importance)
+        if self.sharding and self.compensator is not None and self.config.compensation == "auto":
+            logger.info("compensation='auto': none under %s (it would update sharded weights)", self.sharding)
+            self.compensator = None
         if self.sharding and self.compensator is not None:
             raise ValueError(f"compensation={self.config.compensation!r} updates weights, which {self.sharding} keeps "
                              "as shards: use compensation='none' under sharded training")
@@ -232,6 +235,9 @@ class PruningCallback(TrainerCallback):
             directory = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._restore(directory)
             self._original_total = self._original_total or count_parameters(model)
+        if state.global_step > 0 and not self.physically_pruned and self.compensator is not None:
+            # The checkpoint's adapters are compensated already; the frozen base was not saved: replay the record.
+            replay_on_base(self.structure, self.compensator.record)
         if self.physically_pruned:
             # The trainer already sliced the model to the checkpoint's shapes before loading it.
             self.structure = discover_for_config(model, self.config)

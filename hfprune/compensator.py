@@ -29,11 +29,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .compensation import ROLES, GramHooks, compensate_columns_, least_squares_map
+from .compensation import ROLES, GramHooks, InputGram, compensate_columns_, least_squares_map
 from .masking import LayerMask, PruningMasks
 from .structure import LayerStructure, ModelStructure
 
 METHODS = ("none", "least_squares")
+APPLIED = "_hfprune_compensation_applied"  # set on a model whose base weights carry its compensation
 
 
 def kept_features(layer: LayerStructure, mask: LayerMask, role: str) -> torch.Tensor:
@@ -126,10 +127,49 @@ class Compensator:
         self.hooks.enabled = value
 
     def prepare(self, model: nn.Module, layers: Iterable[LayerStructure]) -> None:
+        layers = list(layers)
+        if self.hooks.device is None and any(p.is_cuda for p in model.parameters()):
+            # An accelerator's memory is for the model: the Gram matrices (in x in per projection) live in host
+            # memory; each step's update is computed on the device and added there.
+            self.hooks.device = torch.device("cpu")
+        check_gram_memory(layers, self.hooks.device)
         self.hooks.prepare(model, layers)
+        self._install_restored()
 
     def release(self) -> None:
         self.hooks.release()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The record and, while statistics are being collected, the Gram matrices (in x in float32 per
+        projection: saved with the pruning state so a resumed run compensates exactly as an uninterrupted one)."""
+        out = self.record.state_dict()
+        for (index, role), gram in sorted(self.hooks.grams.items()):
+            if gram.gram is not None:
+                prefix = f"gram.{index}.{role}"
+                out[f"{prefix}.matrix"] = gram.gram.cpu()
+                out[f"{prefix}.sums"] = gram.sums.cpu()
+                out[f"{prefix}.count"] = torch.tensor(gram.count)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """The record, and the Gram matrices to continue from (installed when `prepare` runs)."""
+        self.record = CompensationRecord.from_state_dict(state)
+        self._restored = {}
+        for key in state:
+            parts = key.split(".")
+            if len(parts) == 4 and parts[0] == "gram" and parts[3] == "matrix":
+                prefix = ".".join(parts[:3])
+                self._restored[(int(parts[1]), parts[2])] = (
+                    state[key], state[f"{prefix}.sums"], int(state[f"{prefix}.count"]))
+
+    def _install_restored(self) -> None:
+        for key, (matrix, sums, count) in getattr(self, "_restored", {}).items():
+            gram = InputGram(matrix.shape[0], self.hooks.device or matrix.device, matrix.dtype, self.hooks.max_tokens)
+            gram.gram.copy_(matrix)
+            gram.sums.copy_(sums)
+            gram.count = count
+            self.hooks.grams[key] = gram
+        self._restored = {}
 
     def effective_ridge(self, kept: int, tokens: int) -> float:
         """`ridge x (1 + kept / tokens)`: a Gram estimated from few tokens (fewer than the features it
@@ -166,6 +206,7 @@ class Compensator:
                 self._record(layer.index, role, was, newly, m_now)
                 updated += 1
         self.updates += 1
+        object.__setattr__(structure.model, APPLIED, True)  # this model's base holds the record already
         return updated
 
     def _record(self, index: int, role: str, was: torch.Tensor, newly: torch.Tensor, m_now: torch.Tensor) -> None:
@@ -176,11 +217,56 @@ class Compensator:
         self.record.maps[(index, role)] = current.then(newly.nonzero().squeeze(1), m_now)
 
 
-def make_compensator(config) -> Optional[Compensator]:
-    """The compensator a `PruningConfig` asks for (None for `compensation="none"`)."""
-    if config.compensation == "none":
+@torch.no_grad()
+def replay_on_base(structure: ModelStructure, record: CompensationRecord) -> int:
+    """Apply `record`'s maps to the frozen base weights of a freshly loaded, unsliced model (resuming a run:
+    a Trainer checkpoint holds the adapters, already compensated, but not the base). Returns the projections
+    updated. Up to rounding (one composed map instead of the run's successive ones), the base the run had."""
+    from .structure import base_layer
+
+    if getattr(structure.model, APPLIED, False):
+        return 0  # the same model object, compensated in this process already
+    updated = 0
+    for (index, role), column_map in record.maps.items():
+        layer = structure.layers[index]
+        compensate_columns_(base_layer(layer.projection(role)), column_map.kept, column_map.removed,
+                            column_map.matrix)
+        updated += 1
+    object.__setattr__(structure.model, APPLIED, True)
+    return updated
+
+
+def gram_bytes(layers: Iterable[LayerStructure]) -> int:
+    """float32 Gram matrices of the o_proj and down_proj inputs of `layers`."""
+    return sum(4 * (layer.num_heads * layer.head_dim) ** 2 + 4 * layer.intermediate_size ** 2 for layer in layers)
+
+
+def check_gram_memory(layers: list[LayerStructure], device) -> None:
+    """Refuse before any work when the Gram matrices would take more than half of the memory left where they go."""
+    needed = gram_bytes(layers)
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        where = "GPU memory"
+    else:
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover - psutil is a dependency of accelerate
+            return
+        free, where = psutil.virtual_memory().available, "host memory"
+    if needed > free / 2:
+        raise MemoryError(
+            f"compensation='least_squares' keeps Gram matrices of {needed / 2**30:.1f} GiB in {where} "
+            f"({len(layers)} layers), more than half of the {free / 2**30:.1f} GiB available: pass "
+            "PruningConfig(compensation='none'), or prune fewer layers at a time (protected_layers)"
+        )
+
+
+def make_compensator(config, sees_activations: bool = True) -> Optional[Compensator]:
+    """The compensator a `PruningConfig` asks for: None for `compensation="none"`, and for "auto" when no
+    forward pass will be seen (`sees_activations=False`: a one-shot prune without calibration data)."""
+    if config.compensation == "none" or (config.compensation == "auto" and not sees_activations):
         return None
-    return Compensator(config.compensation, ridge=config.compensation_ridge, max_tokens=config.compensation_tokens)
+    return Compensator("least_squares", ridge=config.compensation_ridge, max_tokens=config.compensation_tokens)
 
 
 def _all_reduced(sigma: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:

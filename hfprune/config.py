@@ -18,7 +18,7 @@ SCHEDULES = ("cubic", "linear", "one_shot")
 RANKINGS = ("local", "global")
 NORMALIZATIONS = ("auto", "module", "global", "none")
 PHYSICAL_REMOVAL = ("after_pruning", "at_end")
-COMPENSATIONS = ("none", "least_squares")
+COMPENSATIONS = ("auto", "least_squares", "none")
 
 
 @dataclass
@@ -32,13 +32,15 @@ class PruningConfig:
 
     Parameters:
         target_sparsity: fraction of prunable decoder parameters to remove, in [0, 1).
-        importance: name of a registered importance criterion: "lora" (LoRAPrune),
-            "taylor", "taylor2", "vector" (LLM-Pruner), "magnitude", "random", or one
+        importance: name of a registered importance criterion: "activation_taylor" (default:
+            activation-gradient Taylor saliency, measured best; works on an 8-bit / 4-bit base),
+            "lora" (LoRAPrune), "taylor", "taylor2", "vector", "param_second" (LLM-Pruner),
+            "activation", "flap" (forward passes only), "magnitude", "random", or one
             registered with `hfprune.importance.register_importance`.
         structures: which groups may be removed: "heads" and/or "channels".
-        head_granularity: "kv_group" removes a key/value head together with the
-            query heads that read it; "query_head" removes query heads inside KV
-            groups, keeping every KV head and the same number of query heads per group.
+        head_granularity: "query_head" (default) removes query heads inside KV groups,
+            keeping every KV head and the same number of query heads per group;
+            "kv_group" removes a key/value head together with the query heads that read it.
         head_sparsity / channel_sparsity: optional separate targets, as fractions of
             the heads (query heads) and MLP channels of each prunable layer. When
             either is set, `target_sparsity` is derived from them, not used.
@@ -73,7 +75,9 @@ class PruningConfig:
         seed: seed of the "random" criterion and of every tie-break.
         compensation: "least_squares" folds the contribution of removed heads and channels
             into the kept input columns of o_proj / down_proj (ridge-regularised least squares
-            on the activations seen while scoring, `hfprune.compensator`); "none" drops it.
+            on the activations seen while scoring, `hfprune.compensator`); "none" drops it;
+            "auto" (default): least squares whenever forward passes are seen (training, or
+            `prune_model` with calibration data), none for a data-free one shot.
         compensation_ridge: ridge of the least-squares solve, as a multiple of the mean
             diagonal of the kept features' Gram matrix, scaled by (1 + kept features / tokens
             seen) so that few tokens regularise more (>= 0; larger = closer to no update).
@@ -84,9 +88,12 @@ class PruningConfig:
     target_sparsity: float = field(
         default=0.2, metadata={"help": "Fraction of the prunable decoder parameters to remove, in [0, 1)."}
     )
+    # The defaults are what measured best in benchmarks/quality.py (README, "Quality"): activation_taylor with
+    # least-squares compensation, query heads inside KV groups. LoRAPrune is importance="lora".
     importance: str = field(
-        default="lora",
-        metadata={"help": "Importance criterion: lora, taylor, taylor2, vector, magnitude, random, or a registered one."},
+        default="activation_taylor",
+        metadata={"help": "Importance criterion: activation_taylor (default), lora (LoRAPrune), taylor, taylor2, "
+                          "vector, activation, flap, magnitude, random, or a registered one."},
     )
     # Lists (stored as tuples) so that HfArgumentParser reads `--structures heads channels`.
     structures: list[str] = field(
@@ -94,7 +101,7 @@ class PruningConfig:
         metadata={"help": "Groups that may be removed: heads and/or channels.", "choices": STRUCTURES},
     )
     head_granularity: str = field(
-        default="kv_group",
+        default="query_head",
         metadata={"help": "kv_group: remove a KV head with its query heads; query_head: remove query heads inside KV groups.",
                   "choices": HEAD_GRANULARITIES},
     )
@@ -143,8 +150,9 @@ class PruningConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed for the random criterion and tie-breaks."})
     compensation: str = field(
-        default="none",
-        metadata={"help": "least_squares: kept o_proj/down_proj columns absorb what removed groups did; none.",
+        default="auto",
+        metadata={"help": "least_squares: kept o_proj/down_proj columns absorb what removed groups did; none; auto "
+                          "(least_squares whenever forward passes are seen: training, or calibration data).",
                   "choices": COMPENSATIONS},
     )
     # SmolLM2, one shot, 64 x 256 calibration tokens (benchmarks/quality.py): 0.3 beat 1.0 at 50% (x3.89 vs x4.00

@@ -49,7 +49,7 @@ def prune_model(
     check_quantized_base(model, structure, config, criterion)  # what the base can do at all comes first
     check_resident(model, structure)
     check_feasible(structure, config)
-    compensator = make_compensator(config)
+    compensator = make_compensator(config, sees_activations=calibration_data is not None)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
         what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")
         why = f"importance={config.importance!r}" if criterion.needs != "nothing" else \

@@ -35,6 +35,7 @@ from transformers import (
 from .adapters import default_lora_config
 from .callback import EXPORT_SUBDIR, PruningCallback
 from .checkpoints import checkpoint_to_resume
+from .compensator import CompensationRecord, replay_on_base
 from .config import PruningConfig
 from .data import check_records, longest_sequence, prepare_dataset
 from .importance import make_criterion
@@ -257,6 +258,9 @@ class PruningTrainer(Trainer):
         if removal is not None and not self.pruning_callback.physically_pruned:
             structure = discover_for_config(self.model, self.pruning_config)
             if all(len(removal[i].heads) == layer.num_heads for i, layer in enumerate(structure.layers)):
+                # The kept columns absorbed the removed ones before the slicing: replay that on the fresh base.
+                state = PruningCallback.read_state(resume_from_checkpoint)
+                replay_on_base(structure, CompensationRecord.from_state_dict(state[0]))
                 remove_pruned_groups(structure, removal)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 

@@ -32,7 +32,7 @@ PROMPT = "Do you wish to run the custom code"
 TEXT = "the quick brown fox jumps over the lazy dog while small birds sing in tall green trees\n" * 8
 TRAINING = {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 2e-3, "logging_steps": 1,
             "save_strategy": "no", "use_cpu": True, "seed": 0, "report_to": []}
-PRUNING = {"target_sparsity": 0.5, "prune_every": 1, "protected_layers": [0], "seed": 0}
+PRUNING = {"target_sparsity": 0.5, "importance": "lora", "prune_every": 1, "protected_layers": [0], "seed": 0}
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +138,7 @@ def _sft_trainer(tmp_path, callback):
 
 
 def test_sft_trainer_with_the_callback_saves_a_loadable_checkpoint(tmp_path):
-    callback = PruningCallback(PruningConfig(target_sparsity=0.3, prune_every=1, protected_layers=(0,)))
+    callback = PruningCallback(PruningConfig(target_sparsity=0.3, importance="lora", prune_every=1, protected_layers=(0,)))
     trainer = _sft_trainer(tmp_path, callback)
     trainer.train()
     assert callback.physically_pruned
@@ -172,7 +172,7 @@ def test_sft_trainer_with_the_callback_saves_a_loadable_checkpoint(tmp_path):
 
 
 def test_training_again_lifts_the_refusal(tmp_path):
-    callback = PruningCallback(PruningConfig(target_sparsity=0.3, prune_every=1, protected_layers=(0,)))
+    callback = PruningCallback(PruningConfig(target_sparsity=0.3, importance="lora", prune_every=1, protected_layers=(0,)))
     trainer = _sft_trainer(tmp_path, callback)
     trainer.train()
     model = trainer.model
@@ -193,7 +193,7 @@ def test_trained_export_names_the_hub_base_has_inference_defaults_and_readable_f
     trainer = PruningTrainer(
         model=str(snapshot), load_in_8bit=False,  # the path a cache lookup gives, as `hfprune prune` passes it
         args=TrainingArguments(output_dir=str(tmp_path / "out"), **{**TRAINING, "max_steps": 2}),
-        pruning_config=PruningConfig(target_sparsity=0.3, prune_every=1, protected_layers=(0,)),
+        pruning_config=PruningConfig(target_sparsity=0.3, importance="lora", prune_every=1, protected_layers=(0,)),
         train_dataset=datasets.Dataset.from_list(alpaca_records(8)),
     )
     assert trainer.model.config.use_cache is False  # what training sets
@@ -225,7 +225,8 @@ def test_card_says_which_structures_were_removed(tmp_path):
     assert not re.search(r"heads|KV groups", summary), summary
 
     model = tiny_model("llama")
-    prune_model(model, PruningConfig(importance="magnitude", target_sparsity=0.5, protected_layers=(0,)))
+    prune_model(model, PruningConfig(importance="magnitude", target_sparsity=0.5, protected_layers=(0,),
+                                     head_granularity="kv_group"))
     text = (save_pruned(model, tmp_path / "both") / CARD_FILE).read_text()
     assert "| structures removed | KV groups, query heads, MLP channels |" in text
     assert "whole KV groups (a key/value head with the query heads it serves) and whole MLP channels" in text

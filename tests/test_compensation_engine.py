@@ -141,7 +141,7 @@ def test_compensation_without_calibration_data_is_refused_before_any_work():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(compensation="mean_and_more"), "compensation='mean_and_more': must be one of none, least_squares"),
+    (dict(compensation="mean_and_more"), "compensation='mean_and_more': must be one of auto, least_squares, none"),
     (dict(compensation_ridge=-0.5), "compensation_ridge=-0.5: must be a finite number >= 0"),
     (dict(compensation_ridge=float("nan")), "compensation_ridge=nan"),
     (dict(compensation_tokens=0), "compensation_tokens=0: must be an integer >= 1"),
@@ -235,3 +235,38 @@ def test_export_of_a_compensated_8bit_base_replays_the_maps_on_the_full_precisio
         memory = trainer.model(input_ids=ids).logits
         reloaded = exported(input_ids=ids).logits
     assert (memory.argmax(-1) == reloaded.argmax(-1)).float().mean() > 0.9  # int8 vs full precision
+
+
+def _resumable(tmp_path, name, resume=None):
+    config = PruningConfig(target_sparsity=0.4, head_granularity="query_head", protected_layers=(0,), prune_every=1,
+                           pruning_steps=6, warmup_ratio=0.2, cooldown_ratio=0.2)  # activation_taylor + compensation
+    assert config.compensation == "auto"
+    trainer = PruningTrainer(
+        model=tiny_model("llama"),
+        args=TrainingArguments(output_dir=str(tmp_path / name), max_steps=8, per_device_train_batch_size=4,
+                               learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                               seed=0),
+        pruning_config=config,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0),
+        train_dataset=datasets.Dataset.from_list(alpaca_records(48)),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.slow  # three short trainings with checkpoints
+def test_a_resumed_compensated_run_ends_where_the_uninterrupted_one_does(tmp_path):
+    """The Trainer checkpoints the (compensated) adapters, not the frozen base: the pruning state carries the
+    Gram statistics and the record, and a resume replays the record on the fresh base, before or after the
+    physical removal."""
+    reference = _resumable(tmp_path, "a")
+    assert reference.pruning_callback.compensator.record
+    final = {k: v.detach().clone() for k, v in reference.model.state_dict().items()}
+    for step in (4, 8):  # mid-pruning (masks, Gram statistics), then after the weights were sliced at step 6
+        resumed = _resumable(tmp_path, f"b{step}", resume=str(tmp_path / "a" / f"checkpoint-{step - 2}"))
+        assert resumed.pruning_callback.removal_masks == reference.pruning_callback.removal_masks
+        state = resumed.model.state_dict()
+        assert state.keys() == final.keys()
+        for key, value in final.items():  # fp32: one composed map vs successive updates differ by rounding only
+            torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=key)

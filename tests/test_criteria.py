@@ -44,7 +44,7 @@ def test_criterion_ranks_the_dead_group_and_channels_lowest(importance):
     lowest = set(torch.argsort(scores.channels)[: len(DEAD_CHANNELS)].tolist())
     assert lowest == set(DEAD_CHANNELS)
     # and the allocation removes exactly them
-    config = PruningConfig(head_sparsity=0.5, channel_sparsity=3 / 96, protected_layers=())
+    config = PruningConfig(head_sparsity=0.5, channel_sparsity=3 / 96, protected_layers=(), head_granularity="kv_group")
     masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
     assert masks[DEAD_LAYER].kv_groups(2).tolist() == [True, False]
     assert set((~masks[DEAD_LAYER].channels).nonzero().squeeze(1).tolist()) == set(DEAD_CHANNELS)
@@ -137,7 +137,8 @@ def test_prune_model_keeps_activation_checkpointing_and_no_dropout():
                 real = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
         model.eval()
-        config = PruningConfig(target_sparsity=0.4, importance="taylor", protected_layers=(0,))
+        config = PruningConfig(target_sparsity=0.4, importance="taylor", protected_layers=(0,), compensation="none",
+                               head_granularity="kv_group")
         prune_model(model, config, calibration_data=[{"input_ids": batch(seed=s)} for s in range(2)])
         assert not model.training  # the caller's mode is restored
         kept.append([layer.self_attn.o_proj.weight.clone() for layer in model.model.layers])

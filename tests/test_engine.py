@@ -167,7 +167,8 @@ def test_magnitude_scores_a_dead_head_lowest():
         q = head_rows(torch.tensor([4, 5, 6, 7]), 8)
         attn.q_proj.weight[q] *= 1e-3
         attn.o_proj.weight[:, q] *= 1e-3
-    config = PruningConfig(head_sparsity=0.5, structures=("heads",), importance="magnitude", protected_layers=())
+    config = PruningConfig(head_sparsity=0.5, structures=("heads",), importance="magnitude", protected_layers=(),
+                           head_granularity="kv_group")
     structure = discover(model, protected_layers=())
     accumulator = ScoreAccumulator()
     score_model(structure, get_importance("magnitude"), accumulator)

@@ -414,7 +414,7 @@ def test_uniform_widths_a_stock_config_rejects_list_the_valid_ones(tmp_path):
     model = tiny_model("llama_mha")
     structure = discover(model, protected_layers=())
     masks = _masks(structure, PruningConfig(importance="magnitude", head_sparsity=0.25, structures=("heads",),
-                                            protected_layers=()))
+                                            protected_layers=(), head_granularity="kv_group"))
     remove_pruned_groups(structure, masks)  # 3 of 4 heads everywhere; 64 % 3 != 0
     with pytest.raises(ValueError, match=r"stock llama config rejects the uniform widths num_attention_heads=3.*"
                                          r"hidden size \(64\) is not a multiple.*accepts num_attention_heads in "

@@ -243,7 +243,8 @@ def test_batch_of_one_and_one_big_batch_score_the_same(dev_dir, smollm2_tokenize
 def test_physically_pruned_heterogeneous_model_and_model_without_logits_to_keep():
     from hfprune import PruningConfig, prune_model
 
-    config = PruningConfig(target_sparsity=0.4, head_sparsity=0.5, importance="magnitude", protected_layers=(0,))
+    config = PruningConfig(target_sparsity=0.4, head_sparsity=0.5, importance="magnitude", protected_layers=(0,),
+                           head_granularity="kv_group")
     model = prune_model(tiny_model("llama"), config)
     kv_heads = [layer.self_attn.k_proj.out_features for layer in model.model.layers]
     assert len(set(kv_heads)) > 1  # layers of different widths share one KV cache

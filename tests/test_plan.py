@@ -18,7 +18,7 @@ from .tiny_models import tiny_config, tiny_model
 
 def test_llama_65b_plans_in_seconds_without_memory():
     start = time.perf_counter()
-    plan = dry_run("llama-65b", PruningConfig(target_sparsity=0.5), total_steps=800)
+    plan = dry_run("llama-65b", PruningConfig(target_sparsity=0.5, head_granularity="kv_group"), total_steps=800)
     seconds = time.perf_counter() - start
     assert seconds < 30, f"a 65B dry run took {seconds:.1f} s"
     assert plan.num_layers == 80 and plan.params_before == 65_285_660_672
@@ -62,8 +62,9 @@ def test_plan_predicts_the_widths_of_a_real_pruning(arch, config):
 def test_uniform_export_needs_widths_a_stock_config_accepts():
     # 20% of 32 heads leaves 26, which a stock LlamaConfig (hidden 4096) rejects: said before any training.
     with pytest.raises(ValueError, match=r"uniform=True: a stock llama config rejects.*round_heads_to"):
-        dry_run("llama-7b", PruningConfig(target_sparsity=0.2, uniform=True))
-    plan = dry_run("llama-7b", PruningConfig(target_sparsity=0.2, uniform=True, round_heads_to=8))
+        dry_run("llama-7b", PruningConfig(target_sparsity=0.2, uniform=True, head_granularity="kv_group"))
+    plan = dry_run("llama-7b", PruningConfig(target_sparsity=0.2, uniform=True, round_heads_to=8,
+                                             head_granularity="kv_group"))
     assert plan.checkpoint["kind"] == "uniform" and plan.checkpoint["model_type"] == "llama"
     # Rounding only ever keeps more heads: 26 is not a multiple of 8, so the heads stay and channels pay.
     assert {tuple(l.after.values()) for l in plan.layers} == {(32, 32, 7714)}
@@ -99,7 +100,8 @@ def test_a_surgery_failure_on_meta_is_reported_not_hidden(monkeypatch):
         raise RuntimeError("cannot slice")
 
     monkeypatch.setattr(hfprune.surgery, "remove_pruned_groups", broken)
-    plan = dry_run(tiny_config("llama"), PruningConfig(target_sparsity=0.5, protected_layers=(0,)))
+    plan = dry_run(tiny_config("llama"), PruningConfig(target_sparsity=0.5, protected_layers=(0,),
+                                                       head_granularity="kv_group"))
     assert any("physical removal FAILED on meta tensors: RuntimeError: cannot slice" in n for n in plan.notes)
     assert plan.checkpoint["kind"] == "unknown" and plan.layers[1].after["num_key_value_heads"] == 1
 

@@ -206,7 +206,8 @@ def test_full_gradient_criterion_on_8bit_base_is_refused(tmp_path):
 
 def test_lora_not_covering_the_scored_projections_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"importance='lora' reads the LoRA factors.*\['k_proj', 'o_proj'"):
-        load_recipe(_write(tmp_path, BASE + "lora: {target_modules: [q_proj, v_proj, gate_proj, up_proj, down_proj]}"))
+        load_recipe(_write(tmp_path, BASE + "lora: {target_modules: [q_proj, v_proj, gate_proj, up_proj, down_proj]}"),
+                    ["pruning.importance=lora"])
     assert load_recipe(_write(tmp_path, BASE + "lora: {target_modules: all-linear}")).lora is not None
 
 
@@ -240,7 +241,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_dora_is_refused_for_the_lora_criterion(tmp_path):
     with pytest.raises(RecipeError, match="lora.use_dora=true: DoRA layers cannot be pruned"):
-        load_recipe(_write(tmp_path, BASE), ["lora.use_dora=true"])
+        load_recipe(_write(tmp_path, BASE), ["lora.use_dora=true", "pruning.importance=lora"])
 
 
 def test_sharded_training_is_refused(tmp_path):

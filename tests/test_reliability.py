@@ -141,7 +141,7 @@ def test_export_into_the_runs_own_output_dir_is_refused_from_python(tmp_path):
     ],
 )
 def test_targets_the_floors_or_rounding_cannot_reach_are_refused_up_front(arch, kwargs, message):
-    config = PruningConfig(importance="magnitude", protected_layers=(0,), **kwargs)
+    config = PruningConfig(importance="magnitude", protected_layers=(0,), **{"head_granularity": "kv_group", **kwargs})
     with pytest.raises(ValueError, match=message):
         check_feasible(discover_for_config(tiny_model(arch), config), config)
     with pytest.raises(ValueError, match=message):  # prune_model checks before it scores
@@ -152,7 +152,7 @@ def test_targets_the_floors_or_rounding_cannot_reach_are_refused_up_front(arch, 
                                     structures=["heads"]), dict(head_sparsity=0.5, channel_sparsity=0.5),
                                     dict(target_sparsity=0.3, round_channels_to=64)])
 def test_targets_within_rounding_are_accepted_and_reached(kwargs):
-    config = PruningConfig(importance="magnitude", protected_layers=(0,), **kwargs)
+    config = PruningConfig(importance="magnitude", protected_layers=(0,), head_granularity="kv_group", **kwargs)
     model = tiny_model("llama")
     structure = discover_for_config(model, config)
     check_feasible(structure, config)
@@ -169,7 +169,7 @@ def test_targets_within_rounding_are_accepted_and_reached(kwargs):
 
 
 def test_plan_refuses_what_the_run_would_miss(capsys, tiny_base):
-    code, _, err = _run(capsys, "plan", str(tiny_base), "pruning.head_sparsity=0.9")
+    code, _, err = _run(capsys, "plan", str(tiny_base), "pruning.head_sparsity=0.9", "pruning.head_granularity=kv_group")
     assert code == 2 and "head_sparsity=0.9: layer 0 can give up at most 0.500 of its query heads" in err
 
 
@@ -258,7 +258,8 @@ class PoisonAt(TrainerCallback):
 
 def test_a_nan_loss_stops_pruning_and_the_export_refuses_non_finite_weights(tmp_path):
     trainer = PruningTrainer(model=tiny_model("llama"), args=_args(tmp_path, max_steps=8), processing_class=tiny_tokenizer(),
-                             pruning_config=PruningConfig(target_sparsity=0.3, prune_every=1, protected_layers=(0,)),
+                             pruning_config=PruningConfig(target_sparsity=0.3, importance="lora", prune_every=1,
+                                                          protected_layers=(0,)),
                              train_dataset=datasets.Dataset.from_list(alpaca_records(32)), callbacks=[PoisonAt(2)])
     with pytest.raises(RuntimeError, match=r"step 3: the loss or the gradients were not finite, and the optimizer "
                                            r"step made \d+ trainable tensors NaN / Inf.*pruning stops here"):

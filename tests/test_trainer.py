@@ -33,7 +33,8 @@ def _args(tmp_path, **overrides):
 
 def test_end_to_end_8bit_gqa_lora(tmp_path):
     save_tiny("llama", tmp_path / "base")
-    config = PruningConfig(target_sparsity=0.5, prune_every=1, protected_layers=(0,))
+    config = PruningConfig(target_sparsity=0.5, importance="lora", head_granularity="kv_group", prune_every=1,
+                           protected_layers=(0,))
     trainer = PruningTrainer(
         model=str(tmp_path / "base"),  # loaded 8-bit by default for the lora criterion
         args=_args(tmp_path),
@@ -144,6 +145,7 @@ def test_lora_not_covering_projections_is_refused(tmp_path):
     save_tiny("llama", tmp_path / "base")
     trainer = PruningTrainer(
         model=str(tmp_path / "base"), args=_args(tmp_path, max_steps=2), load_in_8bit=False,
+        pruning_config=PruningConfig(importance="lora"),
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
         train_dataset=datasets.Dataset.from_list(alpaca_records(8)), processing_class=tiny_tokenizer(),
     )

@@ -35,10 +35,10 @@ RUN_DIMENSIONS = ("target_sparsity", "seed")
 class Budget:
     """A protocol. `steps=0`: one shot, no recovery (scores from the run's calibration batches).
 
-    Otherwise `steps` optimizer steps of `batch_size` x `seq_len` tokens: hfprune prunes
-    progressively over the first `pruning_steps` (masks updated every `prune_every`), then recovers;
-    Torch-Pruning calibrates on those same `pruning_steps` batches, prunes once, then trains LoRA for
-    all `steps` on the same stream. `eval_every`: perplexity in the loop every that many steps
+    Otherwise `steps` batches of `batch_size` x `seq_len` tokens: hfprune prunes progressively over
+    the first `pruning_steps` (masks updated every `prune_every`, LoRA training), then recovers on the
+    rest; Torch-Pruning calibrates on those same `pruning_steps` batches, prunes once, then trains LoRA on
+    the rest: the same text, the same recovery steps, the same backward passes. `eval_every`: perplexity in the loop every that many steps
     (the curve); 0: at the end only.
     """
 

@@ -1,11 +1,13 @@
 """The peer: Torch-Pruning 1.6.1, `MetaPruner` + `GroupTaylorImportance`, then the budget's LoRA recovery.
 
     load (fp32) -> Taylor scores from the calibration batches' gradients -> one-shot MLP pruning
-    -> evaluate (after pruning) -> LoRA r on the same stream for the budget's steps -> evaluate
+    -> evaluate (after pruning) -> LoRA r on the rest of the stream, as many steps as hfprune recovers -> evaluate
 
 One shot: the run's calibration batches (the same as hfprune's `prune_model` gets). Trained budgets: the
-first `pruning_steps` batches of the run's stream (the text hfprune's pruning stage reads), then all
-`steps` of that stream. Local ranking, the same protected layers and parameter count as hfprune.
+first `pruning_steps` batches of the run's stream are its calibration (the text hfprune's pruning stage
+reads and trains on), then the `steps - pruning_steps` batches after them are its recovery (the ones
+hfprune's recovery reads): the same text, the same recovery steps and the same number of backward
+passes for both. Local ranking, the same protected layers and parameter count as hfprune.
 
 MLP channels only: asked to prune SmolLM2's grouped-query attention heads, Torch-Pruning fails
 (`head_pruning_error` records how, in a child process with a time limit); its attention projections
@@ -14,6 +16,7 @@ are therefore in `ignored_layers`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -96,19 +99,24 @@ def run(ctx: Context, spec: RunSpec, budget: Budget, workdir: Path) -> RunResult
         return result
 
     result.after_pruning = ctx.perplexities(model.eval())
-    result.curve.append({"step": 0, "sparsity": result.reached, **result.after_pruning})
+    result.curve.append({"step": budget.pruning_steps, "sparsity": result.reached, **result.after_pruning})
     set_seed(spec.seed)  # the same adapters as every hfprune run
     model = get_peft_model(model, common.lora_config(ctx.lora_r))
     probe = Probe(ctx.perplexities, budget.eval_every)
+    recovery = dataclasses.replace(budget, steps=budget.steps - budget.pruning_steps)
+    calibrated = budget.pruning_steps * budget.batch_size
     trainer = Trainer(
-        model=model, args=training_args(budget, spec.seed, workdir / "trainer"), train_dataset=stream,
+        model=model, args=training_args(recovery, spec.seed, workdir / "trainer"),
+        train_dataset=stream.select(range(calibrated, len(stream))),
         data_collator=DataCollatorForSeq2Seq(ctx.tokenizer, padding=True, label_pad_token_id=-100), callbacks=[probe],
     )
     clock = time.perf_counter()
     trainer.train()
     result.train_seconds = time.perf_counter() - clock - probe.eval_seconds
     result.step_seconds, result.eval_seconds = probe.step_seconds, result.after_pruning["seconds"] + probe.eval_seconds
-    result.curve += [dict(point, sparsity=result.reached) for point in probe.curve]
+    # on hfprune's step axis: recovery starts after the calibration batches
+    result.curve += [dict(point, step=point["step"] + budget.pruning_steps, sparsity=result.reached)
+                     for point in probe.curve]
     result.evaluated = "in memory (fp32 base + LoRA)"
     finish(ctx, spec, result, model, start)
     result.curve.append({"step": budget.steps, "sparsity": result.reached, **result.after_recovery})
