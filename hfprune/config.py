@@ -33,7 +33,8 @@ class PruningConfig:
     Parameters:
         target_sparsity: fraction of prunable decoder parameters to remove, in [0, 1).
         importance: name of a registered importance criterion: "lora" (LoRAPrune),
-            "taylor", "taylor2", "vector" (LLM-Pruner), "magnitude", "random", or one
+            "taylor", "taylor2", "param_second", "vector" (LLM-Pruner), "activation_taylor",
+            "activation", "flap", "magnitude", "random", "bonsai" (`prune_model` only), or one
             registered with `hfprune.importance.register_importance`.
         structures: which groups may be removed: "heads" and/or "channels".
         head_granularity: "kv_group" removes a key/value head together with the
@@ -86,7 +87,8 @@ class PruningConfig:
     )
     importance: str = field(
         default="lora",
-        metadata={"help": "Importance criterion: lora, taylor, taylor2, vector, magnitude, random, or a registered one."},
+        metadata={"help": "Importance criterion: lora, taylor, taylor2, param_second, vector, activation_taylor, activation, "
+                          "flap, magnitude, random, bonsai (prune_model only), or a registered one."},
     )
     # Lists (stored as tuples) so that HfArgumentParser reads `--structures heads channels`.
     structures: list[str] = field(

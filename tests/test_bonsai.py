@@ -77,10 +77,12 @@ def test_bonsai_tracks_the_loss_change_of_removing_each_channel():
     assert spearmanr(scores, increase).correlation > 0.6
 
 
-def test_prune_model_with_bonsai_removes_the_dead_groups_and_leaves_no_hook():
+def test_prune_model_with_bonsai_removes_the_dead_groups_and_leaves_no_hook(monkeypatch):
     from hfprune import register_importance
+    from hfprune.importance import base
     from hfprune.importance.bonsai import BonsaiImportance
 
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the variant is this test's alone
     register_importance("unit_test_bonsai_near_prior", lambda: BonsaiImportance(samples=16, ridge=100.0), overwrite=True)
     model = model_with_dead_groups()
     config = PruningConfig(**{**CONFIG, "importance": "unit_test_bonsai_near_prior"})
@@ -196,3 +198,29 @@ def test_bonsai_with_compensation_compensates_the_unmasked_model():
         got, want = record.compensation.get(*key), compensator.record.get(*key)
         assert torch.equal(got.kept, want.kept) and torch.equal(got.removed, want.removed)
         torch.testing.assert_close(got.matrix, want.matrix, rtol=1e-4, atol=1e-6)
+
+
+def test_bonsai_prunes_an_8bit_base(tmp_path):
+    """Forward passes only: an int8 (bitsandbytes Linear8bitLt) base is scored and sliced like a float one."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .tiny_models import save_tiny
+
+    save_tiny("llama", tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.float32,
+    ).eval()
+    prune_model(model, PruningConfig(**{**CONFIG, "protected_layers": (0,)}), calibration_data=_calibration(1))
+    layer = model.model.layers[1]
+    assert type(layer.mlp.down_proj).__name__ == "Linear8bitLt" and layer.mlp.down_proj.in_features == 72
+    assert layer.self_attn.o_proj.in_features == 32  # one of two KV groups (4 query heads of 8 dims) left
+    assert not any(p.requires_grad for p in model.parameters() if p.dtype == torch.int8)
+
+
+def test_a_target_that_removes_nothing_samples_nothing():
+    structure, accumulator, criterion = _scores(tiny_model("llama"), PruningConfig(**{**CONFIG, "head_sparsity": 0.0,
+                                                                                       "channel_sparsity": 0.0}))
+    assert criterion.history[0]["mean_sampled_loss"] == criterion.history[0]["dense_loss"]
+    assert all(torch.isfinite(s).all() for scores in accumulator.scores.values() for s in scores.values())

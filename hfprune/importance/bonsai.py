@@ -18,12 +18,16 @@ so `β_u` is, in loss units, what keeping unit u is worth: its score. As in the 
 * rounds (`rounds` > 1): each round removes its share of the target (the lowest scores), later rounds sample
   the remaining units of the model without them, and units removed earlier score below those removed later.
 
-The ridge is centred on the prior: `β = β₀ + Xᵀ(XXᵀ + λI)⁻¹(y − Xβ₀)` in the dual form (samples ≪ units),
-with `β₀ = a·prior` and `a ≥ 0` fitted by least squares (per unit kind: heads and channels have their own
-prior scale), X the centred keep indicators of the candidates and y the centred negative losses. With few
-samples the scores stay close to the prior; the data moves them. λ is `ridge` times the mean diagonal of XXᵀ,
-or chosen among 0.01..100 of it by 5-fold cross-validation (`ridge=None`, the paper searches its regulariser
-the same way).
+The ridge is centred on the prior, in the dual form (samples ≪ units):
+
+    β = β₀ + D·Xᵀ(X·D·Xᵀ + I)⁻¹(y − X·β₀),    β₀ = a·prior
+
+X the centred keep indicators of the candidates, y the centred negative losses, D the inverse penalties:
+`ridge` (per unit kind, heads and channels apart) times the mean squared row norm of that kind's columns,
+chosen among 0.01..100 by 5-fold cross-validation when `ridge=None` (the paper searches its regulariser the
+same way). `a` puts the prior in loss units: the prior of the units a sub-model drops accounts, on average,
+for its loss increase over the unmasked model. Where the samples cannot resolve single units (the usual case:
+hundreds of candidates per layer, tens of samples) the scores stay near the prior; the data moves them.
 
 Where the paper regresses perplexity with an iterative (SGD) fit and a Kendall-tau model selection, this
 regresses the loss (additive in log-perplexity) with the closed form. It scores only with `prune_model`:
@@ -65,11 +69,7 @@ class UnitSet:
     alive: torch.Tensor  # bool [size]: not removed by an earlier round
     prior: torch.Tensor = None  # [size]
     scores: torch.Tensor = None  # [size], of the latest round
-    removed: list = field(default_factory=list)  # per earlier round: (indices, their scores then)
-
-    @property
-    def perturbed(self) -> bool:
-        return self.drop > 0
+    removed: list = field(default_factory=list)  # per earlier round: the indices it removed
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -85,7 +85,8 @@ class BonsaiImportance(ImportanceCriterion):
 
     Args:
         samples: sub-models per round (in complement pairs when the candidates allow); the paper uses 200
-            per round on a GPU. 64 fits SmolLM2 on a 2-core CPU in a few minutes.
+            per round on a GPU. The defaults (32 sub-models on 8 sequences) prune SmolLM2-135M in about 7
+            minutes on a busy 2-core CPU and measured best of the settings tried there (README).
         rounds: rounds, each removing its share of the target (the paper prunes 5% per round).
         sequences: calibration sequences each sub-model is evaluated on (the same ones every time), the
             first ones of the calibration data; None: all of them.
@@ -97,7 +98,7 @@ class BonsaiImportance(ImportanceCriterion):
     name = "bonsai"
     needs = "forward_loss"
 
-    def __init__(self, samples: int = 64, rounds: int = 1, sequences: Optional[int] = 2,
+    def __init__(self, samples: int = 32, rounds: int = 1, sequences: Optional[int] = 8,
                  ridge: Optional[float] = None, prior: Optional[str] = "activation"):
         _check_int("samples", samples, 2)
         _check_int("rounds", rounds, 1)
@@ -173,7 +174,7 @@ class BonsaiImportance(ImportanceCriterion):
                 drops = self._round_drops(round_)
                 candidates = {key: self._candidates(unit_set, drops[key]) for key, unit_set in self._sets.items()}
                 masks, losses = [], []
-                for sample in range(self.samples):
+                for sample in range(self.samples if any(drops.values()) else 0):  # nothing to remove: the prior
                     if sample % 2 == 1 and all(_complementable(c, drops[k]) for k, c in candidates.items() if drops[k]):
                         drop = {k: c[~torch.isin(c, masks[-1][k])] for k, c in candidates.items() if drops[k]}
                     else:
@@ -182,6 +183,7 @@ class BonsaiImportance(ImportanceCriterion):
                     self._set_keep(drop)
                     losses.append(_mean_loss(model, evaluation))
                 self._set_keep({})
+                losses = losses or [dense_loss]
                 fit = self._fit(candidates, masks, torch.tensor(losses, dtype=torch.float64), dense_loss)
                 self._assign_scores(candidates, fit)
                 if round_ < self.rounds:
@@ -273,6 +275,8 @@ class BonsaiImportance(ImportanceCriterion):
     def _fit(self, candidates, masks, losses: torch.Tensor, dense_loss: float) -> dict:
         """Ridge coefficients of every candidate (see the module docstring), by set."""
         keys = [k for k, c in candidates.items() if c.numel()]
+        if not keys:
+            return {"beta": {}, "scale": 1.0, "ridge": {}, "heldout_mse": float("nan")}
         rows = []
         for drop in masks:
             row = []
