@@ -85,8 +85,8 @@ class BonsaiImportance(ImportanceCriterion):
 
     Args:
         samples: sub-models per round (in complement pairs when the candidates allow); the paper uses 200
-            per round on a GPU. The defaults (32 sub-models on 8 sequences) prune SmolLM2-135M in about 7
-            minutes on a busy 2-core CPU and measured best of the settings tried there (README).
+            per round on a GPU. The defaults (32 sub-models on 8 sequences) prune SmolLM2-135M in 5-7 minutes
+            on a busy 2-core CPU and measured best of the settings tried there (README).
         rounds: rounds, each removing its share of the target (the paper prunes 5% per round).
         sequences: calibration sequences each sub-model is evaluated on (the same ones every time), the
             first ones of the calibration data; None: all of them.
