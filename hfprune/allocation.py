@@ -31,7 +31,7 @@ from typing import Mapping, Optional
 import torch
 
 from .config import PruningConfig
-from .importance import GroupScores
+from .importance import GroupScores, RemovalTarget
 from .masking import LayerMask, PruningMasks
 from .structure import LayerStructure, ModelStructure
 
@@ -258,6 +258,19 @@ def allocate(
         plan.channels = max(plan.channels, already_channels)
         masks.layers[layer.index] = _layer_mask(layer, layer_scores[layer.index], config, plan, prev)
     return masks
+
+
+def removal_targets(structure: ModelStructure, config: PruningConfig) -> dict[int, RemovalTarget]:
+    """What the final target removes from each prunable layer with ranking="local": what a criterion that
+    samples sub-models (bonsai) draws them at, whatever the ranking that later uses its scores."""
+    targets = {}
+    for layer in structure.prunable_layers:
+        plan = _final_local_plan(layer, config)
+        if config.head_granularity == "kv_group":
+            targets[layer.index] = RemovalTarget(kv_groups=plan.head_units, channels=plan.channels)
+        else:
+            targets[layer.index] = RemovalTarget(heads_per_group=plan.head_units, channels=plan.channels)
+    return targets
 
 
 def check_feasible(structure: ModelStructure, config: PruningConfig) -> None:

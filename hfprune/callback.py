@@ -41,7 +41,7 @@ from .bnb_logging import quiet_int8_cast_warning
 from .checkpoints import STATE_FILE, last_complete_checkpoint
 from .config import PruningConfig
 from .compensator import make_compensator, replay_on_base
-from .importance import make_accumulator, make_criterion, score_model
+from .importance import make_accumulator, make_training_criterion, score_model
 from .masking import MaskHooks, PruningMasks
 from .quantization import check_quantized_base
 from .removal import record_removal
@@ -79,7 +79,9 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, config: PruningConfig):
         self.config = config
-        self.criterion = make_criterion(config)  # unknown names fail here, before training
+        # Unknown names, and criteria a training step cannot feed (bonsai), fail here, before training.
+        self.criterion = make_training_criterion(config)
+        self.criterion.loss_shares = True  # a step's micro-batches backpropagate loss / gradient_accumulation_steps
         self.accumulator = make_accumulator(config, self.criterion)
         self.compensator = make_compensator(config)  # None unless config.compensation asks for it
         self.structure: Optional[ModelStructure] = None

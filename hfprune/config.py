@@ -35,7 +35,8 @@ class PruningConfig:
         importance: name of a registered importance criterion: "activation_taylor" (default:
             activation-gradient Taylor saliency, measured best; works on an 8-bit / 4-bit base),
             "lora" (LoRAPrune), "taylor", "taylor2", "vector", "param_second" (LLM-Pruner),
-            "activation", "flap" (forward passes only), "magnitude", "random", or one
+            "activation", "flap" (forward passes only), "magnitude", "random", "bonsai" (`prune_model`
+            only), or one
             registered with `hfprune.importance.register_importance`.
         structures: which groups may be removed: "heads" and/or "channels".
         head_granularity: "query_head" (default) removes query heads inside KV groups,
@@ -93,7 +94,8 @@ class PruningConfig:
     importance: str = field(
         default="activation_taylor",
         metadata={"help": "Importance criterion: activation_taylor (default), lora (LoRAPrune), taylor, taylor2, "
-                          "vector, activation, flap, magnitude, random, or a registered one."},
+                          "param_second, vector, activation, flap, magnitude, random, bonsai (prune_model only), "
+                          "or a registered one."},
     )
     # Lists (stored as tuples) so that HfArgumentParser reads `--structures heads channels`.
     structures: list[str] = field(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from .allocation import allocate, check_feasible, shortfall
+from .allocation import allocate, check_feasible, removal_targets, shortfall
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
 from .distributed import check_resident
@@ -37,11 +37,15 @@ def prune_model(
 
     `calibration_data`: batches (dicts with `input_ids`, optionally `attention_mask`
     and `labels`) for criteria that need forward passes or gradients, and for
-    `compensation`; each batch is one forward (and backward) pass and the scores are
-    averaged. A batch whose loss or gradients are not finite (an overflow) is skipped
-    and the skips are logged; only when no batch is usable does it fail. What was
-    removed (masks in the original index space, compensation maps) is attached to the
-    model (`hfprune.removal`), so `save_pruned(model, dir, original_checkpoint=...)` can
+    `compensation`. Each batch is one forward (and backward) pass, or one pass per
+    sequence for criteria that square per-sample gradients (`per_sample_gradients`:
+    taylor2, param_second); gradient criteria score the mean gradient over all of it.
+    A batch (or sequence) whose loss or gradients are not finite (an overflow) is
+    skipped and the skips are logged; only when none is usable does it fail. A
+    `forward_loss` criterion (bonsai) runs its own forward passes over sub-models
+    sampled at the target (`ImportanceCriterion.sample_submodels`). What was removed
+    (masks in the original index space, compensation maps) is attached to the model
+    (`hfprune.removal`), so `save_pruned(model, dir, original_checkpoint=...)` can
     re-read and slice the full-precision original.
     """
     structure = discover_for_config(model, config)
@@ -51,7 +55,8 @@ def prune_model(
     check_feasible(structure, config)
     compensator = make_compensator(config, sees_activations=calibration_data is not None)
     if calibration_data is None and (criterion.needs != "nothing" or compensator is not None):
-        what = {"forward": "forward passes", "nothing": "forward passes"}.get(criterion.needs, "gradients")
+        what = {"forward": "forward passes", "nothing": "forward passes",
+                "forward_loss": "forward passes with labels"}.get(criterion.needs, "gradients")
         why = f"importance={config.importance!r}" if criterion.needs != "nothing" else \
             f"compensation={config.compensation!r}"
         raise ValueError(
@@ -72,6 +77,14 @@ def prune_model(
             score_model(structure, criterion, accumulator)
         elif criterion.needs == "forward":
             _score_with_forward_passes(model, structure, criterion, accumulator, calibration_data)
+        elif criterion.needs == "forward_loss":
+            calibration_data = list(calibration_data)  # read twice with compensation
+            if compensator is not None:
+                compensator.enabled = False  # the sampled sub-models are not the model being compensated
+            _score_with_sampled_losses(model, structure, config, criterion, accumulator, calibration_data)
+            if compensator is not None:
+                compensator.enabled = True
+                _forward_passes(model, calibration_data)
         else:
             _score_with_gradients(model, structure, criterion, accumulator, calibration_data)
         masks = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
@@ -190,8 +203,20 @@ def _score_with_forward_passes(model, structure, criterion, accumulator, calibra
     score_model(structure, criterion, accumulator)
 
 
+def _backward_passes(batches: Iterable[dict], per_sample: bool) -> Iterator[tuple[Union[int, str], dict]]:
+    """(index, what one backward pass sees): every batch (index i), or every sequence of every batch (index "i.j",
+    sequence j of batch i), lazily: an iterator of batches is read one batch at a time."""
+    for i, batch in enumerate(batches):
+        if not per_sample:
+            yield i, batch
+            continue
+        for j in range(batch["input_ids"].shape[0]):
+            yield f"{i}.{j}", {k: v[j : j + 1] for k, v in batch.items()}
+
+
 def _score_with_gradients(model, structure, criterion, accumulator, calibration_data) -> None:
-    """Backward passes batch by batch. A batch whose loss or gradients are not finite (an overflow) is skipped,
+    """Backward passes batch by batch (sequence by sequence for `per_sample_gradients` criteria; a pass is then
+    one sequence wherever this says batch). A batch whose loss or gradients are not finite (an overflow) is skipped,
     as the trainer skips such a step, so one bad batch cannot poison the others: weight (and LoRA) gradients
     are summed over the finite batches only (scores of the mean gradient, as before); criteria that record
     activation gradients are scored after each batch and the finite batches' scores averaged."""
@@ -213,7 +238,7 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
     try:
         model.zero_grad(set_to_none=True)
         parameters = [p for p in model.parameters() if p.requires_grad]
-        for index, batch in enumerate(_batches_on(model, calibration_data)):
+        for index, batch in _backward_passes(_batches_on(model, calibration_data), criterion.per_sample_gradients):
             batch.setdefault("labels", batch["input_ids"])
             loss = model(**batch).loss
             if not bool(torch.isfinite(loss)):
@@ -238,8 +263,9 @@ def _score_with_gradients(model, structure, criterion, accumulator, calibration_
                 raise ValueError("calibration_data is empty: pass at least one batch")
             raise ValueError(_no_usable_batch(skipped))
         if skipped:
-            logger.warning("prune_model: %d of %d calibration batches skipped (%s); scores from the other %d",
-                           len(skipped), len(skipped) + used, _describe_skips(skipped), used)
+            units = "sequences" if _pass_unit(skipped) == "sequence" else "batches"
+            logger.warning("prune_model: %d of %d calibration %s skipped (%s); scores from the other %d",
+                           len(skipped), len(skipped) + used, units, _describe_skips(skipped), used)
         if per_batch_scores:
             accumulator.update({i: {role: t / used for role, t in s.items()} for i, s in total.items()})
         else:
@@ -279,18 +305,45 @@ def _backward_into_finite_sum(loss: torch.Tensor, parameters: list) -> bool:
     return finite
 
 
+def _pass_unit(skipped: dict) -> str:
+    """Per-sequence passes are indexed "batch.sequence"."""
+    return "sequence" if any(isinstance(index, str) for index in skipped) else "batch"
+
+
 def _describe_skips(skipped: dict) -> str:
+    unit = _pass_unit(skipped)
     parts = []
     for what in ("loss", "gradients"):
-        batches = [i for i, why in skipped.items() if why == what]
-        if batches:
-            parts.append(f"non-finite {what} in batch{'es' if len(batches) > 1 else ''} {batches}")
+        passes = [i for i, why in skipped.items() if why == what]
+        if passes:
+            plural = ("s" if unit == "sequence" else "es") if len(passes) > 1 else ""
+            where = "[" + ", ".join(map(str, passes)) + "]" + (" (batch.sequence)" if unit == "sequence" else "")
+            parts.append(f"non-finite {what} in {unit}{plural} {where}")
     return "; ".join(parts)
 
 
 def _no_usable_batch(skipped: dict) -> str:
+    units = "sequences" if _pass_unit(skipped) == "sequence" else "batches"
     return (
-        f"prune_model: none of the {len(skipped)} calibration batches gave finite scores ({_describe_skips(skipped)}): "
+        f"prune_model: none of the {len(skipped)} calibration {units} gave finite scores ({_describe_skips(skipped)}): "
         "the model overflows on this data (float16 often does); load it in bfloat16 or float32, or pass other "
         "calibration_data"
     )
+
+
+@torch.no_grad()
+def _score_with_sampled_losses(model, structure, config, criterion, accumulator, calibration_data) -> None:
+    """`forward_loss` criteria (bonsai): the criterion runs its own forward passes over masked sub-models."""
+    batches = list(_batches_on(model, calibration_data))
+    if not batches:
+        raise ValueError("calibration_data is empty: pass at least one batch")
+    for batch in batches:
+        batch.setdefault("labels", batch["input_ids"])
+    criterion.prepare(model, structure.prunable_layers)
+    was_training = model.training
+    model.eval()
+    try:
+        criterion.sample_submodels(model, batches, removal_targets(structure, config))
+    finally:
+        model.train(was_training)
+    score_model(structure, criterion, accumulator)

@@ -101,7 +101,7 @@ def quantized_kind(model: nn.Module) -> Optional[str]:
 
 
 def check_criterion_fits_base(criterion, importance: str, kind: Optional[str]) -> None:
-    """A full-gradient criterion (taylor, taylor2, vector) needs gradients of the base weights, which a
+    """A full-gradient criterion (taylor, taylor2, param_second, vector) needs gradients of the base weights, which a
     quantized base (frozen integer codes) never has."""
     if kind is not None and criterion.needs_weight_gradients:
         raise ValueError(

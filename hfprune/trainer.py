@@ -38,7 +38,7 @@ from .checkpoints import checkpoint_to_resume
 from .compensator import CompensationRecord, replay_on_base
 from .config import PruningConfig
 from .data import check_records, longest_sequence, prepare_dataset
-from .importance import make_criterion
+from .importance import make_training_criterion
 from .model_source import check_model_source
 from .quantization import bnb_config, check_criterion_fits_base, check_quantization_config, quantized_kind
 from .structure import discover_for_config, unwrap_model
@@ -147,7 +147,7 @@ class PruningTrainer(Trainer):
         self._warned_no_teacher = False
         self._distill_sums: dict[str, float] = {}  # loss parts since the last log, as `distill/<part>` means
         self._distill_count = 0
-        criterion = make_criterion(self.pruning_config)
+        criterion = make_training_criterion(self.pruning_config)  # bonsai is refused here, before any load
         importance = self.pruning_config.importance
         # Empty or unusable data sets are refused before the model is loaded.
         for what, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):

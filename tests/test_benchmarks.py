@@ -126,3 +126,21 @@ def test_estimator_validation_smoke_covers_the_quantized_bases():
     assert {"lora-8bit", "lora-4bit", "lora-4bit-ckpt", "activation_taylor-4bit-ckpt"} <= set(setups)
     assert all(abs(ratio - 1) <= 0.05 for ratio in setups.values()), setups
     assert _snapshot() == before
+
+
+def test_criteria_oneshot_smoke(tmp_path):
+    """benchmarks/criteria_oneshot.py (not part of run_all): every criterion's row, and the table rebuilt from the JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    script = str(BENCHMARKS / "criteria_oneshot.py")
+    done = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["criterion"]: row for row in json.loads((tmp_path / "criteria_oneshot.json").read_text())["rows"]}
+    assert set(rows) == {"dense", "taylor", "taylor2", "param_second", "bonsai"}
+    assert rows["taylor"]["differs_from_taylor"] == {"0.2": 0.0, "0.5": 0.0}
+    assert rows["taylor2"]["second_order_ratio"]["median"] > 0
+    assert rows["bonsai"]["rounds"][0]["mean_sampled_loss"] > 0
+    done = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path), "--table-only"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| param_second |" in (tmp_path / "criteria_oneshot.md").read_text()

@@ -344,6 +344,17 @@ def test_estimate_compares_lora_with_taylor(capsys):
     assert code == 2 and "taylor" in err
 
 
+def test_estimate_the_new_criteria(capsys):
+    code, out, err = _run(capsys, "estimate", "smollm2-135m", "--criterion", "bonsai")
+    assert code == 0, err
+    assert "criterion `bonsai`, 8-bit base" in out and "forward passes (no grad) (peak)" in out
+    code, out, err = _run(capsys, "estimate", "smollm2-135m", "--criterion", "param_second")
+    assert code == 0, err
+    assert "criterion `param_second`, bfloat16 base" in out and "needs a gradient for every weight" in out
+    code, _, err = _run(capsys, "estimate", "smollm2-135m", "--criterion", "param_second", "--load-in-8bit")
+    assert code == 2 and "param_second" in err
+
+
 def test_prune_with_distillation_and_two_phases(capsys, tmp_path, tiny_base, monkeypatch):
     """The recipe's distillation section reaches PruningTrainer, and mixing: phases trains text, then instructions."""
     from hfprune import distill

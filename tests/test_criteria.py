@@ -175,6 +175,6 @@ def test_every_built_in_criterion_declares_what_the_estimator_and_trainer_read()
             continue
         criterion = get_importance(name)
         assert criterion.needs in NEEDS
-        assert criterion.needs_weight_gradients == (name in ("taylor", "taylor2", "vector"))
+        assert criterion.needs_weight_gradients == (name in ("taylor", "taylor2", "param_second", "vector"))
         assert criterion.work_buffers >= 0 and criterion.weight_state_buffers >= 0
         criterion.release()  # a criterion that was never prepared releases nothing, without error

@@ -141,13 +141,30 @@ def test_llama_65b_lora_8bit_fits_on_one_80gb_gpu():
 
 
 def test_full_gradient_criteria_refuse_an_8bit_base():
-    for criterion in ("taylor", "taylor2", "vector"):
+    for criterion in ("taylor", "taylor2", "param_second", "vector"):
         with pytest.raises(ValueError, match=rf"criterion='{criterion}'.*load_in_8bit=True.*full.*gradient"):
             estimate_memory("llama-7b", criterion=criterion, load_in_8bit=True)
     dense = estimate_memory("llama-7b", criterion="taylor", load_in_8bit=False)
     assert dense.components["weight_gradients"] >= 6.7e9 * 2  # one bf16 gradient per weight
     fisher = estimate_memory("llama-7b", criterion="taylor2", load_in_8bit=False)
     assert fisher.total > dense.total
+
+
+def test_a_criterion_with_its_own_forward_passes_costs_one_no_grad_pass():
+    """bonsai scores in prune_model with no-grad forward passes: no gradient, no optimizer, no saved activation;
+    the 8-bit base by default; param_second keeps a Fisher diagonal like taylor2."""
+    bonsai = estimate_memory("llama-7b", criterion="bonsai", seq_len=512, batch_size=1)
+    lora = estimate_memory("llama-7b", criterion="lora", seq_len=512, batch_size=1)
+    assert bonsai.settings["load_in_8bit"] and list(bonsai.phases) == ["forward passes (no grad)"]
+    assert not {"optimizer_states", "weight_gradients", "lora_gradients", "saved_activations"} & set(bonsai.components)
+    assert bonsai.components["base_weights"] == lora.components["base_weights"]
+    assert bonsai.components["forward_loss_buffers"] == 512 * 32000 * (4 + 2 * 4)  # fp32 activations (8-bit base)
+    assert bonsai.total == sum(bonsai.components.values()) < lora.total
+    assert any("prune_model" in note for note in bonsai.notes)
+    fisher = estimate_memory("llama-7b", criterion="param_second", load_in_8bit=False)
+    taylor2 = estimate_memory("llama-7b", criterion="taylor2", load_in_8bit=False)
+    assert fisher.components["score_buffers"] == taylor2.components["score_buffers"]
+    assert fisher.components["importance_workspace"] < taylor2.components["importance_workspace"]
 
 
 def test_grows_with_seq_len_and_shrinks_with_checkpointing():

@@ -254,6 +254,13 @@ def test_unknown_criterion_is_refused_with_the_available_ones(tmp_path):
         load_recipe(_write(tmp_path, BASE), ["pruning.importance=lora2"])
 
 
+def test_a_criterion_no_training_step_can_feed_is_refused(tmp_path):
+    """Recipes always train; bonsai scores with forward passes of its own (prune_model only)."""
+    with pytest.raises(RecipeError, match=r"pruning.importance: importance='bonsai' scores with forward passes of its "
+                                          r"own .* hfprune.prune_model"):
+        load_recipe(_write(tmp_path, BASE), ["pruning.importance=bonsai"])
+
+
 def test_distillation_section_builds_a_config(tmp_path):
     from hfprune import DistillationConfig
 

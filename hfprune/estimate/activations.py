@@ -187,3 +187,26 @@ def criterion_transient(shapes: ModelShapes, settings: Settings, cost: Criterion
     if cost.hooked and s.gradient_checkpointing:  # the forward hooks run again in the recompute
         return 3 * min(s.tokens, TOKEN_BLOCK) * features * FP32
     return 0
+
+
+def forward_workspace(shapes: ModelShapes, settings: Settings, cost: CriterionCost, attention: str) -> int:
+    """One layer of a no-grad forward pass: its input and the largest of attention's q/k/v (with eager
+    attention's probabilities) and the MLP's gate, up and activation outputs (one of them then becomes the
+    product, masked for down_proj), and a hook criterion's fp32 blocks."""
+    from ..importance.activation import TOKEN_BLOCK
+
+    s, t, act = settings, settings.tokens, settings.activation_bytes
+    largest = 0
+    for layer in shapes.layers:
+        attention_bytes = t * (layer.query_width + 2 * layer.kv_width) * act
+        if attention == "eager":
+            attention_bytes += s.batch_size * layer.heads * s.seq_len * s.seq_len * (FP32 + act)
+        largest = max(largest, attention_bytes, 3 * t * layer.intermediate * act)
+    features = max(max(layer.intermediate, layer.query_width) for layer in shapes.layers)
+    hooks = 3 * min(t, TOKEN_BLOCK) * features * FP32 if cost.hooked else 0
+    return t * shapes.hidden * act + max(largest, hooks)
+
+
+def forward_loss_buffers(shapes: ModelShapes, settings: Settings) -> int:
+    """The logits, their fp32 copy and its log-softmax (the loss without a backward)."""
+    return settings.tokens * shapes.vocab * (settings.activation_bytes + 2 * FP32)

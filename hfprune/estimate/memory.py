@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..structure.arch import PROJECTION_ROLES
-from .activations import activations
-from .phases import components, importance_workspace, phases
+from .activations import activations, forward_loss_buffers, forward_workspace
+from .phases import components, forward_components, importance_workspace, phases
 from .report import GiB, MemoryEstimate
 from .settings import CriterionCost, Settings, check, dtype_name
 from .shapes import model_shapes
@@ -90,13 +90,19 @@ def estimate_memory(
 
     stored = storage(shapes, settings, cost)
     acts = activations(shapes, settings, cost, attention)
-    parts = components(stored, acts, importance_workspace(shapes, settings, cost))
+    if cost.forward_only:
+        parts = forward_components(stored, acts, forward_workspace(shapes, settings, cost, attention),
+                                   forward_loss_buffers(shapes, settings))
+        step = {"forward passes (no grad)": parts}
+    else:
+        parts = components(stored, acts, importance_workspace(shapes, settings, cost))
+        step = phases(parts, stored, acts)
     return MemoryEstimate(
         model=shapes.name,
         settings=settings.to_dict(attention),
         num_parameters=shapes.num_parameters,
         components=parts,
-        phases=phases(parts, stored, acts),
+        phases=step,
         notes=_notes(settings, cost, attention, stored.weight_gradients),
     )
 
@@ -118,6 +124,12 @@ def _notes(s: Settings, cost: CriterionCost, attention: str, weight_gradients: i
         notes.append(f"eager attention keeps batch*heads*seq^2 probabilities (seq={s.seq_len}).")
     if cost.full_gradients:
         notes.append(f"{s.criterion!r} needs a gradient for every weight ({weight_gradients / GiB:.1f} GiB).")
+    if cost.forward_only:
+        notes.append(
+            f"{s.criterion!r} scores in prune_model with forward passes of its own (no gradient, no optimizer): "
+            f"the peak is one no-grad pass with labels over {s.batch_size} x {s.seq_len} tokens; the recovery "
+            "fine-tuning that follows is a separate run (estimate it with its own criterion)."
+        )
     return tuple(notes)
 
 

@@ -12,6 +12,8 @@ A training step goes through four phases, and each has its own peak:
 4. optimizer step: gradients, optimizer states and the optimizer's temporaries.
 
 Each phase is a dict of parts of the components (`components`), so the numbers add up by construction.
+A criterion that scores with forward passes of its own (`forward_loss`: bonsai, in `prune_model`) has no
+training step: its one phase is a no-grad forward pass with labels (`forward_components`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def components(storage: Storage, acts: Activations, importance_workspace: int) -
         "weight_gradients": storage.weight_gradients,
         "importance_workspace": importance_workspace,
         "optimizer_workspace": storage.optimizer_workspace,
+    }
+
+
+def forward_components(storage: Storage, acts: Activations, forward_workspace: int, loss_buffers: int) -> dict[str, int]:
+    """A no-grad forward pass with labels: the stored weights (no optimizer, no gradient), one layer's
+    transient and the logits with their log-softmax."""
+    return {
+        "base_weights": storage.base_weights,
+        "other_weights": storage.other_weights,
+        "lora_weights": storage.lora_weights,
+        "score_buffers": storage.score_buffers,
+        "forward_workspace": forward_workspace,
+        "forward_loss_buffers": loss_buffers,
     }
 
 

@@ -21,6 +21,8 @@ COMPONENT_LABELS = {
     "weight_gradients": "full weight gradients",
     "importance_workspace": "importance criterion work buffers",
     "optimizer_workspace": "optimizer step temporaries",
+    "forward_workspace": "one layer's forward (no grad)",
+    "forward_loss_buffers": "logits: log-softmax (no grad)",
 }
 
 

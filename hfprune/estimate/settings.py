@@ -6,7 +6,9 @@ registry is asked, so a criterion a user registered is estimated like a built-in
     needs                 weight_gradients: a gradient for every weight (no quantized base);
                           lora_gradients: LoRA factors (and so adapters) must exist;
                           activation_gradients: a probe on the inputs of o_proj / down_proj keeps
-                          them for the backward; forward: hooks read those inputs in the forward
+                          them for the backward; forward: hooks read those inputs in the forward;
+                          forward_loss: no training step at all, the criterion's own no-grad forward
+                          passes (bonsai, in prune_model), with its prior's hooks
     work_buffers          fp32 buffers the size of the largest scored weight, while scoring
     weight_state_buffers  buffers the size of every scored weight, kept between steps
 
@@ -62,7 +64,12 @@ class CriterionCost:
     @property
     def hooked(self) -> bool:
         """Hooks keep per-unit statistics of the o_proj / down_proj inputs between scorings."""
-        return self.needs in ("forward", "activation_gradients")
+        return self.needs in ("forward", "activation_gradients", "forward_loss")
+
+    @property
+    def forward_only(self) -> bool:
+        """It scores with no-grad forward passes of its own (`prune_model` only): the step is one such pass."""
+        return self.needs == "forward_loss"
 
     def scored_roles(self, lora_target_modules) -> tuple[str, ...]:
         return tuple(lora_target_modules) if self.needs == "lora_gradients" else PROJECTION_ROLES
@@ -153,13 +160,22 @@ def check(settings: Settings, cost: CriterionCost) -> None:
     _check_criterion(s, cost)
 
 
+def _scores_a_quantized_base(name: str) -> bool:
+    from ..importance import get_importance
+
+    try:
+        return not get_importance(name).needs_weight_gradients
+    except (TypeError, ValueError):  # a registered factory that does not build a valid criterion
+        return False
+
+
 def _check_criterion(s: Settings, cost: CriterionCost) -> None:
-    from ..importance import available_importances, get_importance
+    from ..importance import available_importances
 
     if cost.full_gradients and s.quantized:
         flag = "load_in_4bit" if s.load_in_4bit else "load_in_8bit"
         stored = "4-bit weights are packed bytes" if s.load_in_4bit else "int8 weights are"
-        valid = [name for name in available_importances() if not get_importance(name).needs_weight_gradients]
+        valid = [name for name in available_importances() if _scores_a_quantized_base(name)]
         raise ValueError(
             f"criterion={s.criterion!r} with {flag}=True: {s.criterion!r} scores weights from their full "
             f"gradients, and bitsandbytes {stored} frozen (no .grad). Use {flag}=False (bf16/fp16 weights that "

@@ -8,7 +8,7 @@
             ...  # [rows, in] float32 tensor, higher = more important
 """
 
-from . import activation, activation_taylor, lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
+from . import activation, activation_taylor, bonsai, lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
 from .accumulator import ScoreAccumulator
 from .base import (
     NEEDS,
@@ -17,13 +17,16 @@ from .base import (
     ImportanceCriterion,
     ModuleScores,
     Needs,
+    RemovalTarget,
     available_importances,
     get_importance,
     group_scores,
     normalize_module_scores,
     register_importance,
 )
-from .scoring import make_accumulator, make_criterion, score_layers, score_model
+from .scoring import (
+    check_scores_in_training, make_accumulator, make_criterion, make_training_criterion, score_layers, score_model,
+)
 
 __all__ = [
     "NEEDS",
@@ -32,12 +35,15 @@ __all__ = [
     "ImportanceCriterion",
     "ModuleScores",
     "Needs",
+    "RemovalTarget",
     "ScoreAccumulator",
     "available_importances",
+    "check_scores_in_training",
     "get_importance",
     "group_scores",
     "make_accumulator",
     "make_criterion",
+    "make_training_criterion",
     "normalize_module_scores",
     "register_importance",
     "score_layers",

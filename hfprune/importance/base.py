@@ -18,7 +18,7 @@ into the scores of the removable groups (query head, KV group, MLP channel).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, get_args
+from typing import Callable, Literal, Mapping, Optional, get_args
 
 import torch
 from torch import nn
@@ -30,8 +30,12 @@ from ..structure import LayerStructure, base_layer
 #:   forward               forward passes, no gradient at all (activation, flap)
 #:   activation_gradients  a backward pass reaching the activations; no weight gradient (activation_taylor)
 #:   lora_gradients        gradients of the LoRA factors (lora)
-#:   weight_gradients      full gradients of the base weights (taylor, taylor2, vector): no quantized base
-Needs = Literal["nothing", "forward", "activation_gradients", "lora_gradients", "weight_gradients"]
+#:   weight_gradients      full gradients of the base weights (taylor, taylor2, param_second, vector): no
+#:                         quantized base
+#:   forward_loss          no-grad forward passes with labels that the criterion runs itself, over sub-models it
+#:                         masks (bonsai): `prune_model` only, which calls `sample_submodels`; a training step
+#:                         cannot feed it (see `scores_training_steps`)
+Needs = Literal["nothing", "forward", "activation_gradients", "lora_gradients", "weight_gradients", "forward_loss"]
 NEEDS: tuple[str, ...] = get_args(Needs)
 
 # (role, reduced dimension of the weight, unit) — output rows for the producers,
@@ -93,13 +97,32 @@ def group_scores(scores: ModuleScores, n_rep: int) -> GroupScores:
     return GroupScores(heads=heads, kv_groups=kv_groups, channels=channels)
 
 
+@dataclass(frozen=True)
+class RemovalTarget:
+    """What the pruning target removes from one layer, as a `forward_loss` criterion samples sub-models at it
+    (the final allocation with ranking="local"; `hfprune.allocation.removal_targets`)."""
+
+    kv_groups: int = 0  # whole KV groups (head_granularity="kv_group")
+    heads_per_group: int = 0  # query heads inside every KV group (head_granularity="query_head")
+    channels: int = 0  # MLP channels
+
+
 class ImportanceCriterion:
     """Base class: subclass, set `name` and `needs`, implement `element_importance` (or `score_layer`).
 
     Everything the rest of hfprune asks of a criterion is declared here, with do-nothing defaults:
 
     * `needs` (see `Needs`): what the caller runs before `score_layer` (forward passes, a backward pass,
-      full weight gradients); it also decides whether a quantized base can be scored;
+      full weight gradients, or the criterion's own forward passes through `sample_submodels`); it also
+      decides whether a quantized base can be scored and whether a training step can score it;
+    * `per_sample_gradients`: `prune_model` runs one backward pass per calibration *sequence* instead of one
+      per batch, for criteria that square each pass's gradient (taylor2's and param_second's Fisher diagonal,
+      LLM-Pruner's per-sample `acc_grad`); the scored gradient is the same mean either way. A training step
+      has one backward pass per micro-batch, so there the squares are per micro-batch;
+    * `loss_shares`: set by the caller: the backward passes between two scorings are shares of one mean loss
+      that sum to the scored gradient (True: a Trainer step's micro-batches, `loss / gradient_accumulation_steps`,
+      set by PruningCallback) or each its own mean loss, averaged by the caller (False: prune_model); criteria
+      that square each pass's gradient rescale a share to its own mean;
     * `signed`: element scores are signed; the absolute value is taken once per group (LLM-Pruner's vector);
     * `seed`: set from `PruningConfig.seed` by `make_criterion`, for criteria that draw random numbers;
     * `enabled`: hook-based criteria record nothing while it is False (a distillation teacher's forward);
@@ -112,6 +135,8 @@ class ImportanceCriterion:
 
     name: str = ""
     needs: Needs = "nothing"
+    per_sample_gradients: bool = False
+    loss_shares: bool = False
     signed: bool = False
     seed: int = 0
     enabled: bool = True
@@ -123,8 +148,24 @@ class ImportanceCriterion:
         """Full gradients of the base weights: impossible on a quantized (int8 / 4-bit) base."""
         return self.needs == "weight_gradients"
 
+    @property
+    def scores_training_steps(self) -> bool:
+        """Whether a training step gives this criterion what it needs (`PruningCallback`, `PruningTrainer`,
+        recipes). A `forward_loss` criterion needs forward passes of its own, which a step does not run."""
+        return self.needs != "forward_loss"
+
     def prepare(self, model: nn.Module, layers: list[LayerStructure]) -> None:
         """Called once before scoring (e.g. to unfreeze weights or register hooks)."""
+
+    def sample_submodels(self, model: nn.Module, batches: list[dict], targets: Mapping[int, RemovalTarget]) -> None:
+        """`needs="forward_loss"` only: run the criterion's own forward passes, once, after `prepare`.
+
+        `prune_model` calls it in eval mode under `torch.no_grad()`, with the calibration batches (on the
+        model's device, `labels` set) and what the target removes from each prunable layer (by layer index);
+        `score_layer` then returns what the passes found.
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares needs={self.needs!r}; only 'forward_loss' "
+                                  "criteria sample sub-models")
 
     def release(self) -> None:
         """Called when scoring is over: undo what `prepare` did."""

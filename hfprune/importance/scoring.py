@@ -22,6 +22,25 @@ def make_criterion(config: "PruningConfig") -> ImportanceCriterion:
     return criterion
 
 
+def make_training_criterion(config: "PruningConfig") -> ImportanceCriterion:
+    """`make_criterion` for a training run (PruningCallback, PruningTrainer, recipes): refuses a criterion a
+    training step cannot feed, before any model is loaded."""
+    criterion = make_criterion(config)
+    check_scores_in_training(config.importance, criterion)
+    return criterion
+
+
+def check_scores_in_training(name: str, criterion: ImportanceCriterion) -> None:
+    if not criterion.scores_training_steps:
+        raise ValueError(
+            f"importance={name!r} scores with forward passes of its own (needs={criterion.needs!r}: it samples "
+            "sub-models and measures their loss), which a training step does not run, so PruningTrainer, "
+            "PruningCallback and recipes cannot use it: prune in one shot with hfprune.prune_model(model, config, "
+            "calibration_data), then fine-tune the pruned model to recover; or train with a criterion that scores "
+            "from the step itself ('activation', 'flap', 'activation_taylor', 'lora', 'taylor')"
+        )
+
+
 def make_accumulator(config: "PruningConfig", criterion: ImportanceCriterion, *, one_shot: bool = False) -> ScoreAccumulator:
     """The EMA the config asks for (`one_shot`: no history, the last scoring is the score)."""
     return ScoreAccumulator(

@@ -1,9 +1,14 @@
 """LLM-Pruner's first- and second-order Taylor criteria, from full weight gradients.
 
-    taylor   (element-1)   |W·g|
-    taylor2  (element-2)   |W·g − ½·W²·F|,  F = mean over backward passes of g²
-                                              (the Fisher diagonal, LLM-Pruner's `acc_grad`)
-    vector                 |Σ_group W·g|     (signed sum over the group, then |·|)
+    taylor        (element-1)   |W·g|
+    taylor2       (element-2)   |W·g − ½·W²·F|   F = the Fisher diagonal (LLM-Pruner's `acc_grad`):
+                                                 mean over backward passes of each pass's squared gradient
+    param_second                W²·F             LLM-Pruner's pure second-order term
+    vector                      |Σ_group W·g|    (signed sum over the group, then |·|)
+
+g is the mean gradient over the calibration data (or the optimizer step). A backward pass for F is one
+calibration sequence in `prune_model` (per-sample squares, as LLM-Pruner) and one micro-batch in
+training (one backward per micro-batch is all a Trainer step runs); see `_FisherCriterion`.
 
 They need the gradient of every base weight, so `prepare` unfreezes the
 projections of the layers being scored. That costs a full-size gradient per
@@ -71,10 +76,24 @@ class TaylorImportance(ImportanceCriterion):
         return (effective_weight(module, rows) * grad).abs()
 
 
-@register_importance("taylor2")
-class SecondOrderTaylorImportance(TaylorImportance):
-    name = "taylor2"
-    work_buffers = 3  # W·g, ½·W²·F and their difference
+class _FisherCriterion(TaylorImportance):
+    """Keeps F, the Fisher diagonal of every scored weight, from the backward passes since the last scoring.
+
+    A hook on each weight sees every backward pass's gradient `g_k` before it is accumulated into `.grad`, and
+    F is the mean over the n passes of each pass's own mean-loss gradient squared (LLM-Pruner's `acc_grad`):
+
+        prune_model (`loss_shares` False): each pass backpropagates its own mean loss, and the caller
+            averages the gradients: F = Σ_k g_k² / n. A pass is one calibration sequence
+            (`per_sample_gradients`), as LLM-Pruner loops over its examples: the per-sample empirical Fisher.
+        training (`loss_shares` True, set by PruningCallback): a Trainer step runs one backward pass per
+            micro-batch, on `loss / gradient_accumulation_steps` (or the token-normalised equivalent), so the
+            passes are shares that sum to the step's gradient and `n·g_k` is micro-batch k's own mean-loss
+            gradient: F = mean_k (n·g_k)² = n·Σ_k g_k². Gradients of single sequences never exist there; with
+            one micro-batch per step F is the square of the step's gradient. (Clipping, applied after
+            accumulation, does not touch F; the n·g_k are exact for equally many label tokens per micro-batch.)
+    """
+
+    per_sample_gradients = True
     weight_state_buffers = 1  # the Fisher diagonal of every scored weight, kept between scorings
 
     def __init__(self):
@@ -100,22 +119,21 @@ class SecondOrderTaylorImportance(TaylorImportance):
         key = id(weight)
 
         def hook(grad: torch.Tensor) -> None:
-            # Called once per backward pass with that pass's gradient, before accumulation.
+            if not self.enabled:
+                return
             square = grad.detach().float().pow(2)
-            self._squares[key] = square if key not in self._squares else self._squares[key] + square
+            self._squares[key] = square if key not in self._squares else self._squares[key].add_(square)
             self._counts[key] = self._counts.get(key, 0) + 1
 
         return hook
 
-    def element_importance(self, module, rows) -> Optional[torch.Tensor]:
-        weight_param = base_layer(module).weight
-        grad = weight_gradient(module, rows)
-        key = id(weight_param)
-        if grad is None or key not in self._squares:
+    def fisher(self, module, rows) -> Optional[torch.Tensor]:
+        """Rows of F for `module`'s weight, or None if no backward pass reached it since the last scoring."""
+        key = id(base_layer(module).weight)
+        if key not in self._squares:
             return None
-        fisher = self._squares[key][rows] / self._counts[key]
-        weight = effective_weight(module, rows)
-        return (weight * grad - 0.5 * weight.pow(2) * fisher).abs()
+        passes = self._counts[key]
+        return self._squares[key][rows] * (passes if self.loss_shares else 1.0 / passes)
 
     def score_layer(self, layer):
         scores = super().score_layer(layer)
@@ -125,6 +143,37 @@ class SecondOrderTaylorImportance(TaylorImportance):
             self._squares.pop(key, None)
             self._counts.pop(key, None)
         return scores
+
+
+@register_importance("taylor2")
+class SecondOrderTaylorImportance(_FisherCriterion):
+    """LLM-Pruner's element-2 (`param_mix`): `|W·g − ½·W²·F|`, g the mean gradient, F as in `_FisherCriterion`."""
+
+    name = "taylor2"
+    work_buffers = 3  # W·g, ½·W²·F and their difference
+
+    def element_importance(self, module, rows) -> Optional[torch.Tensor]:
+        grad = weight_gradient(module, rows)
+        fisher = self.fisher(module, rows)
+        if grad is None or fisher is None:
+            return None
+        weight = effective_weight(module, rows)
+        return (weight * grad - 0.5 * weight.pow(2) * fisher).abs()
+
+
+@register_importance("param_second")
+class FisherImportance(_FisherCriterion):
+    """LLM-Pruner's pure second-order term (`param_second`, Optimal Brain Damage with the Fisher as the
+    Hessian's diagonal): `W²·F`, F as in `_FisherCriterion`; the mean gradient is not used."""
+
+    name = "param_second"
+    work_buffers = 2  # W² and W²·F
+
+    def element_importance(self, module, rows) -> Optional[torch.Tensor]:
+        fisher = self.fisher(module, rows)
+        if fisher is None:
+            return None
+        return effective_weight(module, rows).pow(2) * fisher
 
 
 @register_importance("vector")

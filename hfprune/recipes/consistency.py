@@ -13,11 +13,12 @@ from .sections import DataSection
 
 def check_consistency(recipe) -> None:
     """Raise RecipeError for the first rule `recipe` (a `Recipe`) breaks."""
-    from ..importance import get_importance
+    from ..importance import check_scores_in_training, get_importance
 
     where, pruning, model = recipe.source, recipe.pruning, recipe.model
     try:
         criterion = get_importance(pruning.importance)
+        check_scores_in_training(pruning.importance, criterion)  # recipes always train
     except ValueError as error:
         raise RecipeError(f"{where}: pruning.importance: {one_line(error)}") from None
     for flag, kind in (("load_in_8bit", "an 8-bit"), ("load_in_4bit", "a 4-bit")):
