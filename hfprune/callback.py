@@ -40,7 +40,7 @@ from .atomic import check_export_dir, save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
 from .checkpoints import STATE_FILE, last_complete_checkpoint
 from .config import PruningConfig
-from .compensator import make_compensator, replay_on_base
+from .compensator import make_compensator
 from .importance import make_accumulator, make_training_criterion, score_model
 from .masking import MaskHooks, PruningMasks
 from .quantization import check_quantized_base
@@ -237,9 +237,6 @@ class PruningCallback(TrainerCallback):
             directory = self.resume_dir or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self._restore(directory)
             self._original_total = self._original_total or count_parameters(model)
-        if state.global_step > 0 and not self.physically_pruned and self.compensator is not None:
-            # The checkpoint's adapters are compensated already; the frozen base was not saved: replay the record.
-            replay_on_base(self.structure, self.compensator.record)
         if self.physically_pruned:
             # The trainer already sliced the model to the checkpoint's shapes before loading it.
             self.structure = discover_for_config(model, self.config)
@@ -250,6 +247,7 @@ class PruningCallback(TrainerCallback):
             if self.compensator is not None:
                 self.compensator.prepare(model, self.structure.prunable_layers)
         self.hooks = MaskHooks(self.structure, self.masks)
+        self.hooks.update(self.masks, self._reconstructions())  # a resumed run's masks, compensation included
         self._log_event("pruning_started" if state.global_step == 0 else "pruning_resumed", state)
 
     def _scoring(self, step: int) -> bool:
@@ -481,7 +479,7 @@ class PruningCallback(TrainerCallback):
         if self.compensator is not None:
             self.compensator.apply(self.structure, self.masks, masks)
         self.masks = masks
-        self.hooks.update(self.masks)
+        self.hooks.update(self.masks, self._reconstructions())
         report = self.sparsity()
         self.pending_logs.update(
             {
@@ -500,9 +498,17 @@ class PruningCallback(TrainerCallback):
         if self.compensator is not None:
             self.compensator.release()
 
+    def _reconstructions(self) -> dict:
+        """The compensation maps the mask hooks apply (none once the weights are sliced)."""
+        if self.compensator is None or self.physically_pruned:
+            return {}
+        return self.compensator.record.maps
+
     def _remove_physically(self, optimizer, state) -> None:
         self._release_criterion()
         self.hooks.remove()
+        if self.compensator is not None:
+            self.compensator.fold(self.structure)  # what the hooks reconstructed goes into the kept columns
         records = remove_pruned_groups(self.structure, self.masks)
         sliced = slice_optimizer_state(optimizer, records) if optimizer is not None else 0
         self.removal_masks = self.masks

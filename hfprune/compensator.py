@@ -4,7 +4,9 @@ mask update, and the record that lets the export replay it on the full-precision
     compensator = Compensator(method="least_squares", ridge=1.0)
     compensator.prepare(model, structure.prunable_layers)   # Gram hooks on o_proj / down_proj inputs
     ... forward passes (training steps, calibration batches) ...
-    compensator.apply(structure, old_masks, new_masks)       # W_K += W_R M for the newly removed groups
+    compensator.apply(structure, old_masks, new_masks)       # the map M for the newly removed groups
+    mask_hooks.update(new_masks, compensator.record.maps)    # masked features become M x_K (weights untouched)
+    compensator.fold(structure)                              # before slicing: W_K += W_R M, LoRA A_K += A_R M
     compensator.release()                                    # hooks off; the record stays
 
 The record holds, per layer and consumer projection (o_proj: query heads, down_proj: MLP
@@ -182,7 +184,9 @@ class Compensator:
 
     @torch.no_grad()
     def apply(self, structure: ModelStructure, before: PruningMasks, after: PruningMasks) -> int:
-        """Compensate the groups `after` removes that `before` kept; returns the projections updated.
+        """Compute the maps for the groups `after` removes that `before` kept, composed into the record;
+        returns the projections updated. The weights are not touched: the mask hooks reconstruct the removed
+        features from the record until `fold` writes it into the weights (before slicing).
 
         Raises when a projection that loses features has no statistics (no forward pass was seen)."""
         updated = 0
@@ -202,12 +206,22 @@ class Compensator:
                 sigma, tokens = _all_reduced(gram.gram, gram.count)
                 m_now = least_squares_map(sigma, now, newly, ridge=self.effective_ridge(int(now.sum()), tokens),
                                           excluded=~was)
-                compensate_columns_(layer.projection(role), now, newly, m_now)
                 self._record(layer.index, role, was, newly, m_now)
                 updated += 1
         self.updates += 1
-        object.__setattr__(structure.model, APPLIED, True)  # this model's base holds the record already
         return updated
+
+    @torch.no_grad()
+    def fold(self, structure: ModelStructure) -> int:
+        """Write the record into the weights the forward uses (`W_K += W_R M`, every LoRA `A_K += A_R M`), as
+        the mask hooks computed it; call it once, right before the removed columns are sliced away."""
+        if getattr(structure.model, APPLIED, False):
+            return 0
+        for (index, role), column_map in self.record.maps.items():
+            compensate_columns_(structure.layers[index].projection(role), column_map.kept, column_map.removed,
+                                column_map.matrix)
+        object.__setattr__(structure.model, APPLIED, True)
+        return len(self.record.maps)
 
     def _record(self, index: int, role: str, was: torch.Tensor, newly: torch.Tensor, m_now: torch.Tensor) -> None:
         current = self.record.get(index, role)
@@ -219,9 +233,9 @@ class Compensator:
 
 @torch.no_grad()
 def replay_on_base(structure: ModelStructure, record: CompensationRecord) -> int:
-    """Apply `record`'s maps to the frozen base weights of a freshly loaded, unsliced model (resuming a run:
-    a Trainer checkpoint holds the adapters, already compensated, but not the base). Returns the projections
-    updated. Up to rounding (one composed map instead of the run's successive ones), the base the run had."""
+    """Apply `record`'s maps to the frozen base weights of a freshly loaded, unsliced model (resuming a run
+    after its weights were sliced: the checkpoint's adapters were folded already, the frozen base was not
+    saved). Returns the projections updated."""
     from .structure import base_layer
 
     if getattr(structure.model, APPLIED, False):

@@ -107,27 +107,44 @@ class PruningMasks:
 
 def _mask_input_hook(layer_mask: "_HookMask"):
     def hook(module: nn.Module, args: tuple):
-        x = args[0]
-        return (x * layer_mask.get(x),) + tuple(args[1:])
+        return (layer_mask.apply(args[0]),) + tuple(args[1:])
 
     return hook
 
 
 class _HookMask:
-    """A keep-vector expanded to the hooked module's input width, cached per dtype/device."""
+    """A keep-vector expanded to the hooked module's input width, cached per dtype/device; optionally with
+    a reconstruction of the removed features from the kept ones (compensation, see `MaskHooks`)."""
 
     def __init__(self, keep: torch.Tensor, repeat: int):
         self.set(keep, repeat)
 
-    def set(self, keep: torch.Tensor, repeat: int) -> None:
+    def set(self, keep: torch.Tensor, repeat: int, reconstruction=None) -> None:
         self._float = keep.repeat_interleave(repeat).float()
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._reconstruction = reconstruction  # (kept, removed, matrix) feature indices and [removed, kept] map
+        self._cache: dict[tuple, tuple] = {}
 
-    def get(self, x: torch.Tensor) -> torch.Tensor:
+    def _on(self, x: torch.Tensor) -> tuple:
         key = (x.dtype, x.device)
         if key not in self._cache:
-            self._cache[key] = self._float.to(device=x.device, dtype=x.dtype)
+            rec = self._reconstruction
+            if rec is not None:
+                kept, removed, matrix = rec
+                rec = (kept.to(x.device), removed.to(x.device), matrix.to(device=x.device, dtype=x.dtype).T)
+            self._cache[key] = (self._float.to(device=x.device, dtype=x.dtype), rec)
         return self._cache[key]
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        return self._on(x)[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        keep, rec = self._on(x)
+        x = x * keep
+        if rec is not None:
+            kept, removed, matrix_t = rec
+            # the removed features, predicted from the kept ones: W x~ = W_K x_K + W_R M x_K
+            x = x.index_copy(-1, removed, x.index_select(-1, kept) @ matrix_t)
+        return x
 
 
 class MaskHooks:
@@ -135,6 +152,12 @@ class MaskHooks:
 
     Masks are read on every forward, so `update(masks)` takes effect at once.
     Call `remove()` before physical removal (the widths change).
+
+    With `reconstructions` (compensation: `{(layer, role): map}` with the map's `kept`, `removed` feature
+    indices and `matrix` M, `[removed, kept]`), a removed input feature is not zeroed but replaced by its
+    least-squares prediction `M x_K` from the kept ones: exactly what folding `W_K += W_R M` into the weights
+    computes (`hfprune.compensator`), while the weights stay untouched, so switching the hooks off gives back
+    the dense model (the distillation teacher) and a checkpoint's frozen base needs no replay.
     """
 
     def __init__(self, structure: ModelStructure, masks: PruningMasks, layers: Optional[Iterable[int]] = None):
@@ -160,13 +183,15 @@ class MaskHooks:
 
         return guarded
 
-    def update(self, masks: PruningMasks) -> None:
+    def update(self, masks: PruningMasks, reconstructions: Optional[dict] = None) -> None:
         for (index, role), hook_mask in self._masks.items():
             layer = self.structure.layers[index]
+            found = (reconstructions or {}).get((index, role))
+            rec = (found.kept, found.removed, found.matrix) if found is not None and found.removed.numel() else None
             if role == "o_proj":
-                hook_mask.set(masks[index].heads, layer.head_dim)
+                hook_mask.set(masks[index].heads, layer.head_dim, rec)
             else:
-                hook_mask.set(masks[index].channels, 1)
+                hook_mask.set(masks[index].channels, 1, rec)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -93,6 +93,7 @@ def prune_model(
             logger.warning("prune_model: %s", short)
         if compensator is not None:
             compensator.apply(structure, PruningMasks.full(structure), masks)
+            compensator.fold(structure)
     finally:
         criterion.release()  # hooks must not outlive the call, unfrozen weights are frozen again
         if compensator is not None:

@@ -270,3 +270,43 @@ def test_a_resumed_compensated_run_ends_where_the_uninterrupted_one_does(tmp_pat
         assert state.keys() == final.keys()
         for key, value in final.items():  # fp32: one composed map vs successive updates differ by rounding only
             torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_with_compensation_the_dense_teacher_is_still_the_unpruned_model(tmp_path):
+    """Compensation reconstructs the masked features in the mask hooks and leaves the weights alone until the
+    slicing: with the hooks and adapters off (distillation's free teacher) the model is the dense original."""
+    from transformers import TrainerCallback
+
+    from hfprune.distill import teacher_logits
+
+    original = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = original(input_ids=ids).logits
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 4:
+                callback = trainer.pruning_callback
+                assert callback.compensator.record and not callback.masks.is_full()
+                seen["teacher"] = teacher_logits(model, {"input_ids": ids},
+                                                 [callback.hooks, callback.criterion, callback.compensator])
+                with torch.no_grad():
+                    seen["student"] = model(input_ids=ids).logits
+
+    config = PruningConfig(target_sparsity=0.4, protected_layers=(0,), prune_every=1, physical_removal="at_end",
+                           pruning_steps=4, warmup_ratio=0.25, cooldown_ratio=0.0)
+    trainer = PruningTrainer(
+        model=copy.deepcopy(original),
+        args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4,
+                               learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0),
+        pruning_config=config,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0),
+        train_dataset=datasets.Dataset.from_list(alpaca_records(32)),
+        processing_class=tiny_tokenizer(),
+        callbacks=[Probe()],
+    )
+    trainer.train()
+    torch.testing.assert_close(seen["teacher"], dense, atol=1e-5, rtol=1e-5)
+    assert (seen["student"] - dense).abs().max() > 1e-2  # the student is the pruned, compensated model
