@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py                       # every budget of PLAN, writes results/quality.md (+ .json, PNG)
     python benchmarks/quality.py --budgets oneshot     # run one budget; the report shows every cached run of PLAN
-    python benchmarks/quality.py --budgets budget16 --methods default act-taylor+ls torch-pruning --seeds 0 1
+    python benchmarks/quality.py --budgets budget16 --methods default act-taylor torch-pruning --seeds 0 1
     python benchmarks/quality.py --list                # the runs, cached or not, with estimated times; runs nothing
     python benchmarks/quality.py --update-readme       # also rewrite the README's quality section (between markers)
     python benchmarks/quality.py --smoke               # tiny random Llama, seconds, temp dir
@@ -57,16 +57,12 @@ NAME = "quality"
 
 METHODS = {
     "default": {},  # PruningConfig() as the package defines it at run time
-    "lora": {"importance": "lora"},  # LoRAPrune's criterion, 8-bit base
+    "lora": {"importance": "lora"},  # LoRAPrune's criterion, 8-bit base, with the package's other defaults
+    # LoRAPrune as published: KV groups, no compensation
+    "loraprune": {"importance": "lora", "head_granularity": "kv_group", "compensation": "none"},
     "taylor": {"importance": "taylor"},  # LLM-Pruner's element-1, fp32 (full weight gradients)
-    "act-taylor": {"importance": "activation_taylor"},
-    "act-taylor+ls": {"importance": "activation_taylor", "compensation": "least_squares"},
-    "act-taylor-global": {"importance": "activation_taylor", "ranking": "global"},
-    "act-taylor+ls-global": {"importance": "activation_taylor", "compensation": "least_squares", "ranking": "global"},
-    # scores and Gram statistics over the whole pruning stage, every group removed at its end (as a one-shot peer)
-    "act-taylor+ls-oneshot": {"importance": "activation_taylor", "compensation": "least_squares",
-                              "schedule": "one_shot"},
-    "flap": {"importance": "flap"},
+    "act-taylor": {"importance": "activation_taylor", "compensation": "none"},  # the default without compensation
+    "default-global": {"ranking": "global"},  # the default with the bounded global allocation
     # The quality recipes' settings (recipes/smollm2-135m-quality-20.yaml) within a budget's protocol.
     "recipe": {"importance": "activation_taylor", "physical_removal": "at_end",
                "distillation": {"alpha": 0.5, "temperature": 2.0, "kl_tokens": "labeled"}},
@@ -82,21 +78,21 @@ BUDGETS = {
 
 MLP, BOTH = ("channels",), ("heads", "channels")
 PLAN = {
-    "oneshot": dict(methods=("default", "taylor", "act-taylor", "act-taylor+ls", PEER), sparsities=(0.2, 0.5),
-                    structures=(MLP, BOTH), calibrations=("10x64",), seeds=(0,), zero_shot=False),
-    "budget16": dict(methods=("default", "lora", "taylor", "act-taylor", "act-taylor+ls", "act-taylor-global", PEER),
+    "oneshot": dict(methods=("default", "taylor", "act-taylor", "default-global", PEER), sparsities=(0.2, 0.5),
+                    structures=(MLP, BOTH), calibrations=("10x64", "64x256"), seeds=(0,), zero_shot=False),
+    "budget16": dict(methods=("default", "lora", "loraprune", "taylor", "act-taylor", "default-global", PEER),
                      sparsities=(0.2, 0.5), structures=(OWN,), seeds=(0,), zero_shot=False),
     # zero_shot: True (every run), False, or the methods whose runs get it (20-50 min per model on this CPU)
-    "budget200": dict(methods=("default", "act-taylor+ls", "recipe", PEER), sparsities=(0.2, 0.5), structures=(OWN,),
-                      seeds=(0,), zero_shot=("default", PEER)),
+    "budget200": dict(methods=("default", "recipe", PEER), sparsities=(0.2, 0.5), structures=(OWN,),
+                      seeds=(0,), zero_shot=False),
 }
 
 TARGETS = {
     "one_shot": dict(budget="oneshot", method="default", sparsity=0.2, structures="channels", max_x_dense=1.35,
                      ahead_of_peer=0.15),
     "beats_peer": dict(method="default", margin=0.10),  # in every budget, at every sparsity
-    "allocation": dict(nonuniform="act-taylor-global", local="act-taylor", sparsity=0.5, margin=0.05),
-    "compensation": {"with": "act-taylor+ls", "without": "act-taylor", "max_overhead": 0.15},  # pruning-stage time
+    "allocation": dict(nonuniform="default-global", local="default", sparsity=0.5, margin=0.05),
+    "compensation": {"with": "default", "without": "act-taylor", "max_overhead": 0.15},  # pruning-stage time
 }
 CURVES = dict(budget="budget200", methods=None)  # None: every method of that budget
 
@@ -110,9 +106,9 @@ SMOKE_BUDGETS = {
                         eval_every=2),
 }
 SMOKE_PLAN = {
-    "oneshot": dict(methods=("default", "act-taylor", "act-taylor+ls", PEER), sparsities=(0.5,),
+    "oneshot": dict(methods=("default", "act-taylor", PEER), sparsities=(0.5,),
                     structures=(MLP, OWN), calibrations=("4x32",)),
-    "budget16": dict(methods=("default", "act-taylor", "act-taylor-global"), sparsities=(0.5,)),
+    "budget16": dict(methods=("default", "act-taylor", "default-global"), sparsities=(0.5,)),
     "budget200": dict(methods=("default", PEER), sparsities=(0.2, 0.5), zero_shot=True),
 }
 SMOKE_SETTINGS = dict(windows=4, eval_seq_len=32, eval_batch=4, c4_eval_docs=4, c4_train_docs=(4, 40), lora_r=8,

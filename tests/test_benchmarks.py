@@ -62,8 +62,8 @@ def test_quality_smoke_covers_every_budget_method_and_the_peer(smoke):
     data = json.loads((out / "quality.json").read_text())
     runs = data["runs"].values()
     assert {run["budget"] for run in runs} == {"dense", "oneshot", "budget16", "budget200"}
-    for budget, methods in (("oneshot", {"default", "act-taylor", "act-taylor+ls", "torch-pruning"}),
-                            ("budget16", {"default", "act-taylor", "act-taylor-global"}),
+    for budget, methods in (("oneshot", {"default", "act-taylor", "torch-pruning"}),
+                            ("budget16", {"default", "act-taylor", "default-global"}),
                             ("budget200", {"default", "torch-pruning"})):
         assert methods <= {run["method"] for run in runs if run["budget"] == budget}, budget
     one_shot = [run for run in runs if run["budget"] == "oneshot"]
@@ -88,7 +88,7 @@ def test_quality_smoke_covers_every_budget_method_and_the_peer(smoke):
     assert (out / "quality_curves.png").stat().st_size > 10_000
     targets = {row[0]: row[2] for row in data["targets"]}
     assert len(targets) == 7 and all(result in ("met", "**missed**", "n/a") for result in targets.values())
-    assert targets["act-taylor-global beats act-taylor by >= 5% at 50%"] != "n/a"
+    assert targets["default-global beats default by >= 5% at 50%"] != "n/a"
     assert "budget200: default beats Torch-Pruning by >= 10% at every sparsity" in targets
     readme = (out / "quality_readme.md").read_text()
     assert "`budget200`" in readme and "quality_curves.png" in readme

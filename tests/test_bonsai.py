@@ -18,7 +18,7 @@ from .tiny_models import DEAD_CHANNELS, DEAD_GROUP, DEAD_LAYER, batch, model_wit
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 1 of 2 KV groups and a quarter of the channels of every layer: the dead ones must be among them.
-CONFIG = dict(head_sparsity=0.5, channel_sparsity=0.25, protected_layers=(), importance="bonsai")
+CONFIG = dict(head_sparsity=0.5, channel_sparsity=0.25, protected_layers=(), importance="bonsai", head_granularity="kv_group")
 
 
 def _calibration(n: int = 2):
