@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="reuse the tokenizer metadata of a GGUF of the unpruned model instead of building it "
                              "from the checkpoint's tokenizer.json")
 
-    from .importance import available_importances
+    from .importance.names import criterion_names  # torch-free: --help stays fast
 
     estimate = commands.add_parser(
         "estimate",
@@ -198,8 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("model", metavar="MODEL_OR_CONFIG|RECIPE.yaml",
                           help="short name from hfprune/model_configs (llama-65b), config.json path, hub id, "
                                "or a recipe")
-    estimate.add_argument("--criterion", choices=available_importances(), metavar="NAME",
-                          help="a registered importance criterion: " + ", ".join(available_importances())
+    estimate.add_argument("--criterion", choices=criterion_names(), metavar="NAME",
+                          help="a registered importance criterion: " + ", ".join(criterion_names())
                                + " (default: lora, or the recipe's)")
     estimate.add_argument("--load-in-8bit", action=argparse.BooleanOptionalAction, default=None,
                           help="8-bit base (default: on unless --load-in-4bit or the criterion needs full weight "

@@ -97,6 +97,29 @@ def test_top_level_help_lists_the_commands(capsys):
     assert _run(capsys)[0] == 2  # no command: usage error
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["estimate", "--help"], ["prune", "--help"]])
+def test_config_only_help_imports_no_torch(argv):
+    """`--help` builds the parser from the recipes' schema and the criterion names: none of it needs torch
+    (nor transformers), so it starts in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from hfprune.cli import main; code = main({argv!r}); "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'bitsandbytes', 'peft'}); "
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_estimate_help_lists_every_built_in_criterion(capsys):
+    from hfprune.importance.names import BUILTIN_CRITERIA
+
+    code, out, _ = _run(capsys, "estimate", "--help")
+    assert code == 0
+    assert all(name in " ".join(out.split()) for name in BUILTIN_CRITERIA)
+
+
 # ---- plan ---------------------------------------------------------------------------------------------------
 
 
