@@ -187,9 +187,8 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
         if len(raw) == 0:
             raise ValueError(f"{key} ({source.path}): no records")
         log(f"  {key}: {source.path} -- {len(raw)} {fmt} records")
-        tokenized = prepare_dataset(raw, tokenizer, data.max_length, data.train_on_prompt, data.num_proc)
-        if len(tokenized) == 0:
-            raise ValueError(f"{key} ({source.path}): no record has a response left to train on after tokenisation")
+        tokenized = prepare_dataset(raw, tokenizer, data.max_length, data.train_on_prompt, data.num_proc,
+                                    what=f"{key} ({source.path})")  # raises when no record is left
         parts.append(tokenized)
         formats.append(fmt)
     if not parts:

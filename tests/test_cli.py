@@ -274,6 +274,17 @@ def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_p
     assert code == 2 and "no such file" in err
 
 
+def test_data_with_nothing_to_train_on_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+    path = _recipe(tmp_path, tiny_base)
+    records = [{"prompt": "p" * 200, "completion": "c"}] * 3  # trl's prompt-completion format, prompts too long
+    (tmp_path / "long.json").write_text(json.dumps(records))
+    code, _, err = _run(capsys, "prune", str(path), "data.train=long.json", "data.max_length=64",
+                        "data.train_on_prompt=false")
+    assert code == 2
+    assert "data.train[0] (" in err and "none of its 3 prompt_completion records has a response token left" in err
+    assert "max_length=64" in err
+
+
 def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp_path, tiny_base, no_training,
                                                                     monkeypatch):
     path = _recipe(tmp_path, tiny_base)
