@@ -444,6 +444,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in ("prune", "plan", "export"):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("hfprune").setLevel(logging.INFO)
+    if args.command == "prune":
+        # The Trainer's start-of-training block and hfprune's run summary (hfprune/summary.py) go there.
+        logging.getLogger("transformers.trainer").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
