@@ -457,6 +457,7 @@ def evaluate_checkpoint(recipe: Recipe, export_dir, dense_path, log: Log = _prin
         sources=settings.perplexity, seq_len=settings.seq_len, tasks=settings.tasks, speed=settings.speed,
         batch_size=settings.batch_size, max_windows=settings.max_windows, tail=settings.tail,
         task_dir=settings.task_dir, zero_shot_limit=settings.zero_shot_limit, progress=True,
+        zero_shot_batch_size=settings.zero_shot_batch_size,
     )
     log(f"  pruned: {export_dir}")
     model, tokenizer = _load_for_eval(export_dir, device, "auto")

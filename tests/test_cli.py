@@ -73,7 +73,7 @@ OPTIONS = {
     "prune": ["RECIPE.yaml", "KEY=VALUE", "--dry-run", "--json"],
     "plan": ["--steps", "--world-size", "--with-lora", "--per-layer", "--no-memory", "--json", "--dry-run"],
     "eval": ["--ppl-source", "--seq-len", "--max-windows", "--baseline", "--speed", "--tasks", "--task-dir",
-             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--zero-shot-dev", "--zero-shot-dev-tasks",
+             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--zero-shot-batch-size", "--zero-shot-dev", "--zero-shot-dev-tasks",
              "--device", "--dtype", "--trust-remote-code"],
     "push": ["DIR", "REPO_ID", "--private", "--token", "--revision", "--commit-message", "--create-pr"],
     "estimate": ["MODEL_OR_CONFIG", "--criterion", "--load-in-8bit", "--seq-len", "--batch", "--lora-r",
