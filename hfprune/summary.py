@@ -9,7 +9,7 @@ is a WARNING on the same logger, shown by default.
     hfprune: pruning run
       base:          HuggingFaceTB/SmolLM2-135M-Instruct, 8-bit (bitsandbytes int8), other weights bfloat16, on cpu
       LoRA:          rank 8, alpha 16 on 210 modules (q_proj, k_proj, ..., down_proj); 4.88M trainable parameters
-      criterion:     lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation
+      criterion:     lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer
       compensation:  none
       target:        20% of the 95.58M prunable parameters (heads + channels, kv_group, ranking local)
       protected:     layers 0-2, 29
@@ -34,6 +34,14 @@ NEEDS_TEXT = {
     "activation_gradients": "activation gradients, no weight gradient",
     "lora_gradients": "reads LoRA gradients",
     "weight_gradients": "full weight gradients",
+}
+
+
+#: How scores are normalised before they are summed into groups (PruningConfig.normalize, resolved).
+NORMALIZATION_TEXT = {
+    "module": "per-module L2 normalisation, layer by layer",
+    "global": "per-role normalisation over all layers",
+    "none": "raw sums",
 }
 
 
@@ -63,7 +71,7 @@ def run_summary(callback: "PruningCallback", args, state, model) -> str:
         ("LoRA", _lora_text(model)),
         ("criterion", f"{config.importance} ({NEEDS_TEXT.get(callback.criterion.needs, callback.criterion.needs)}); "
                       f"scores: EMA {config.ema_decay:g}, "
-                      + ("per-module L2 normalisation" if config.normalize == "module" else "raw sums")),
+                      + NORMALIZATION_TEXT.get(config.score_normalization, config.score_normalization)),
         ("compensation", "none" if config.compensation == "none"
          else f"{config.compensation} (ridge {config.compensation_ridge:g})"),
         ("target", _target_text(config, structure)),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .. import validation as check
-from ..quantization import COMPUTE_DTYPES, QUANT_TYPES
+from ..quant_formats import COMPUTE_DTYPES, QUANT_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPORT_DTYPES = DTYPES[1:]
