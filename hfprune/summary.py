@@ -10,7 +10,7 @@ is a WARNING on the same logger, shown by default.
       base:          HuggingFaceTB/SmolLM2-135M-Instruct, 8-bit (bitsandbytes int8), other weights bfloat16, on cpu
       LoRA:          rank 8, alpha 16 on 210 modules (q_proj, k_proj, ..., down_proj); 4.88M trainable parameters
       criterion:     lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer
-      compensation:  none
+      compensation:  least_squares on the kept o_proj / down_proj columns (ridge 0.5) (compensation='auto')
       target:        20% of the 95.58M prunable parameters (heads + channels, kv_group, ranking local)
       protected:     layers 0-2, 29
       steps:         100 optimizer steps: pruning 1-50, recovery 51-100
@@ -72,8 +72,7 @@ def run_summary(callback: "PruningCallback", args, state, model) -> str:
         ("criterion", f"{config.importance} ({NEEDS_TEXT.get(callback.criterion.needs, callback.criterion.needs)}); "
                       f"scores: EMA {config.ema_decay:g}, "
                       + NORMALIZATION_TEXT.get(config.score_normalization, config.score_normalization)),
-        ("compensation", "none" if config.compensation == "none"
-         else f"{config.compensation} (ridge {config.compensation_ridge:g})"),
+        ("compensation", _compensation_text(callback)),
         ("target", _target_text(config, structure)),
         ("protected", ("layers " + _ranges(sorted(structure.protected))) if structure.protected else "none"),
         ("steps", _steps_text(schedule.total_steps, state.max_steps)),
@@ -119,6 +118,14 @@ def _lora_text(model) -> str:
         "alpha " + "/".join(f"{a:g}" for a in alphas) if alphas else "",
     ]))
     return f"{shape} on {len(wrapped)} modules ({', '.join(kinds)}); {_count(trainable)} trainable parameters"
+
+
+def _compensation_text(callback) -> str:
+    compensator, asked = callback.compensator, callback.config.compensation
+    if compensator is None:
+        return "none"
+    text = f"{compensator.method} on the kept o_proj / down_proj columns (ridge {compensator.ridge:g})"
+    return text + (" (compensation='auto')" if asked == "auto" else "")
 
 
 def _target_text(config, structure) -> str:

@@ -74,7 +74,8 @@ def test_the_run_logs_its_summary_and_warns_of_a_one_shot_jump(tmp_path, trainer
     save_tiny("llama", tmp_path / "base")
     trainer = PruningTrainer(
         model=str(tmp_path / "base"), args=_args(tmp_path),  # 8-bit base, default LoRA, 20 steps
-        pruning_config=PruningConfig(target_sparsity=0.3, protected_layers=[0]),
+        pruning_config=PruningConfig(target_sparsity=0.3, importance="lora", head_granularity="kv_group",
+                                     protected_layers=[0]),
         train_dataset=datasets.Dataset.from_list(alpaca_records(16)), processing_class=tiny_tokenizer(),
     )
     trainer.train()
@@ -84,7 +85,9 @@ def test_the_run_logs_its_summary_and_warns_of_a_one_shot_jump(tmp_path, trainer
     assert lines["LoRA"].startswith("rank 8, alpha 16 on 28 modules "
                                     "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); ")
     assert lines["criterion"] == "lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer"
-    assert lines["compensation"] == "none"
+    ridge = PruningConfig().compensation_ridge
+    assert lines["compensation"] == (f"least_squares on the kept o_proj / down_proj columns (ridge {ridge:g}) "
+                                     "(compensation='auto')")  # the default, as the run resolved it
     assert lines["target"].startswith("30% of the ") and "(heads + channels, kv_group, ranking local)" in lines["target"]
     assert lines["protected"] == "layers 0"
     assert lines["steps"] == "20 optimizer steps: pruning 1-10, recovery 11-20"
@@ -109,7 +112,8 @@ def test_a_ramp_with_its_steps_is_summarised_without_a_warning(tmp_path, trainer
     assert ", float32, on cpu" in summary.splitlines()[1]
     assert "rank 4, alpha 8 on 8 modules (q_proj, v_proj)" in summary
     assert "activation_taylor (activation gradients, no weight gradient)" in summary
-    assert f"compensation:  least_squares (ridge {config.compensation_ridge:g})" in summary and "protected:     layers 0, 3" in summary
+    assert (f"compensation:  least_squares on the kept o_proj / down_proj columns (ridge {config.compensation_ridge:g})"
+            "\n") in summary and "protected:     layers 0, 3" in summary
     assert "mask updates:  4, at steps 1 (0.0%), 3 (70.4%), 5 (96.3%), 7 (100.0%)" in summary
     assert "weights sliced after step 16, the end of training (physical_removal='at_end')" in summary
     assert not _messages(trainer_log, logging.WARNING)
