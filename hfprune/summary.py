@@ -6,15 +6,15 @@ beside its "***** Running training *****" block: `TrainingArguments(log_level="i
 both (`hfprune prune` always does). A schedule that is in effect one shot (`PruningSchedule.coarse_ramp`)
 is a WARNING on the same logger, shown by default.
 
-    hfprune: pruning run
-      base:          HuggingFaceTB/SmolLM2-135M-Instruct, 8-bit (bitsandbytes int8), other weights bfloat16, on cpu
-      LoRA:          rank 8, alpha 16 on 210 modules (q_proj, k_proj, ..., down_proj); 4.88M trainable parameters
+    hfprune: pruning run                       (SmolLM2-135M-Instruct, PruningTrainer's defaults, importance="lora")
+      base:          HuggingFaceTB/SmolLM2-135M-Instruct, 8-bit (bitsandbytes int8), other weights float32, on cpu
+      LoRA:          rank 8, alpha 16 on 210 modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); 2.44M trainable parameters
       criterion:     lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer
       compensation:  least_squares on the kept o_proj / down_proj columns (ridge 0.5) (compensation='auto')
-      target:        20% of the 95.58M prunable parameters (heads + channels, kv_group, ranking local)
+      target:        20% of the 92.01M prunable parameters (heads + channels, kv_group, ranking local)
       protected:     layers 0-2, 29
       steps:         100 optimizer steps: pruning 1-50, recovery 51-100
-      mask updates:  5, at steps 5 (0.0%), 15 (58.0%), 25 (87.5%), 35 (98.4%), 45 (100.0%)
+      mask updates:  5, at steps 5 (0.0%), 15 (57.8%), 25 (87.5%), 35 (98.4%), 45 (100.0%)
       removal:       weights sliced after step 50; recovery trains the smaller model
 """
 
