@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-QUANT_TYPES = ("nf4", "fp4")
+from .quant_formats import QUANT_TYPES
 
 
 def is_4bit_linear(module: nn.Module) -> bool:

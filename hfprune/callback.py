@@ -49,6 +49,7 @@ from .report import REPORT_FILE, PruningReport
 from .schedule import PruningSchedule
 from .sparsity import SparsityReport, count_parameters, removed_params
 from .structure import ModelStructure, discover_for_config, unwrap_model
+from .summary import log_run_summary
 from .surgery import remove_pruned_groups, slice_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ class PruningCallback(TrainerCallback):
                 self.compensator.prepare(model, self.structure.prunable_layers)
         self.hooks = MaskHooks(self.structure, self.masks)
         self.hooks.update(self.masks, self._reconstructions())  # a resumed run's masks, compensation included
+        log_run_summary(self, args, state, model)
         self._log_event("pruning_started" if state.global_step == 0 else "pruning_resumed", state)
 
     def _scoring(self, step: int) -> bool:

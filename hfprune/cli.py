@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, metavar="N", default=2048, help="perplexity window in tokens")
     evaluate.add_argument("--max-windows", type=int, metavar="N", help="evaluate at most this many windows per source")
     evaluate.add_argument("--tail", choices=("drop", "include"), default="drop", help="the last partial window")
-    evaluate.add_argument("--batch-size", type=int, metavar="N", default=1, help="evaluation batch size")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", default=1, help="perplexity windows per forward pass")
     evaluate.add_argument("--baseline", metavar="MODEL", help="dense model evaluated with the same settings")
     evaluate.add_argument("--speed", action="store_true", help="measure prefill and decode speed")
     evaluate.add_argument("--speed-prompt-len", type=int, metavar="N", default=512, help="prompt tokens for --speed")
@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
                           help="lm-eval zero-shot tasks, e.g. boolq piqa")
     evaluate.add_argument("--task-dir", help="folder of extra lm-eval task YAMLs (offline tasks)")
+    evaluate.add_argument("--zero-shot-batch-size", type=_batch_size, metavar="N|auto", default=16,
+                          help="lm-eval requests per forward pass (a few hundred tokens each; auto: the largest "
+                               "that fits the GPU)")
     evaluate.add_argument("--zero-shot-dev", metavar="DIR",
                           help="score the local PIQA / ARC-Easy / WinoGrande / HellaSwag slices in DIR (a zeroshot_dev "
                                "folder) with hfprune's own scorer, lm-eval's task definitions")
@@ -181,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="reuse the tokenizer metadata of a GGUF of the unpruned model instead of building it "
                              "from the checkpoint's tokenizer.json")
 
-    from .importance import available_importances
+    from .importance.names import criterion_names  # torch-free: --help stays fast
 
     estimate = commands.add_parser(
         "estimate",
@@ -198,8 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("model", metavar="MODEL_OR_CONFIG|RECIPE.yaml",
                           help="short name from hfprune/model_configs (llama-65b), config.json path, hub id, "
                                "or a recipe")
-    estimate.add_argument("--criterion", choices=available_importances(), metavar="NAME",
-                          help="a registered importance criterion: " + ", ".join(available_importances())
+    estimate.add_argument("--criterion", choices=criterion_names(), metavar="NAME",
+                          help="a registered importance criterion: " + ", ".join(criterion_names())
                                + " (default: lora, or the recipe's)")
     estimate.add_argument("--load-in-8bit", action=argparse.BooleanOptionalAction, default=None,
                           help="8-bit base (default: on unless --load-in-4bit or the criterion needs full weight "
@@ -289,7 +292,7 @@ def _cmd_eval(args) -> int:
         output=args.output, baseline=args.baseline, batch_size=args.batch_size, max_windows=args.max_windows,
         tail=args.tail, task_dir=args.task_dir, zero_shot_limit=limit, zero_shot_dev=args.zero_shot_dev,
         zero_shot_dev_tasks=args.zero_shot_dev_tasks or ZERO_SHOT_DEV_TASKS, device=args.device, dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, zero_shot_batch_size=args.zero_shot_batch_size,
     )
     print(report.to_markdown())
     if args.output:
@@ -401,6 +404,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str):
+    return text if text == "auto" else _positive_int(text)
+
+
 def _refuse_pickles(path: Optional[str]) -> None:
     """A local checkpoint holding pickles is refused before anything is loaded from it."""
     if path and os.path.isdir(path):
@@ -441,9 +448,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse prints them)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_ERROR
-    if args.command in ("prune", "plan", "export"):
+    if args.command in ("prune", "plan", "export", "eval"):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("hfprune").setLevel(logging.INFO)
+    if args.command == "prune":
+        # The Trainer's start-of-training block and hfprune's run summary (hfprune/summary.py) go there.
+        logging.getLogger("transformers.trainer").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -1,23 +1,32 @@
 """Instruction data for recovery and calibration.
 
-Three record formats are recognised by their fields:
+The record formats are recognised by their fields (trl's names, so a data set prepared for
+`SFTTrainer` works unchanged):
 
-    alpaca    {"instruction", "input", "output"}   Alpaca template (as LLM-Pruner's recovery)
-    chat      {"messages": [{"role", "content"}, ...]}   the tokenizer's chat template
-    text      {"text"}                              plain language-model text
+    alpaca             {"instruction", "input", "output"}     Alpaca template (as LLM-Pruner's recovery)
+    prompt_completion  {"prompt", "completion"}               trl's prompt-completion: two strings, or two
+                                                              message lists (conversational, chat template)
+    chat               {"messages": [{"role", "content"}, ...]}   the tokenizer's chat template; trains on the
+                                                              last message, which must be the assistant's
+    text               {"text"}                               plain language-model text
 
 Prompt tokens are masked from the loss (label -100) by default, so recovery
 trains on the responses only; `train_on_prompt=True` trains on everything.
 Already tokenised data sets (an `input_ids` column) pass through untouched.
+A record with no response token left within `max_length` teaches nothing and is
+dropped (the count is logged); a data set left with no record is an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Iterable, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -31,6 +40,7 @@ ALPACA_PROMPT_NO_INPUT = (
 
 FORMATS = {
     "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
     "text": ("text",),
     "tokenized": ("input_ids",),
@@ -58,6 +68,39 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Tokens `a` and `b` share at the start: where the response starts when the prompt's last token
+    merges with the response's first (as trl's SFTTrainer finds it)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(tokenizer, prompt: list, conversation: list) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation prompt, ids of the whole conversation), through the chat template."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    return _encode(tokenizer, prompt_text, False), _encode(tokenizer, full_text, False)
+
+
+def _prompt_completion_ids(record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        ids = _encode(tokenizer, prompt + completion, True)
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return _encode(tokenizer, prompt, True), ids
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational: lists of messages
+        return _chat_ids(tokenizer, prompt, prompt + completion)
+    raise ValueError(
+        f"prompt/completion record with a {type(prompt).__name__} prompt and a {type(completion).__name__} "
+        "completion: both must be strings, or both lists of {'role', 'content'} messages"
+    )
+
+
 def tokenize_record(record: dict, tokenizer, fmt: str, max_length: int, train_on_prompt: bool = False) -> dict:
     """input_ids / attention_mask / labels for one record, prompt tokens masked with -100."""
     if fmt == "text":
@@ -72,20 +115,19 @@ def tokenize_record(record: dict, tokenizer, fmt: str, max_length: int, train_on
         ids = _encode(tokenizer, full, True)
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+    elif fmt == "prompt_completion":
+        prompt_ids, ids = _prompt_completion_ids(record, tokenizer)
     elif fmt == "chat":
         messages = record["messages"]
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("chat records must end with an assistant message (the response to train on)")
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt_ids = _encode(tokenizer, prompt, False)
-        ids = _encode(tokenizer, full, False)
+        prompt_ids, ids = _chat_ids(tokenizer, messages[:-1], messages)
     else:
-        raise ValueError(f"format={fmt!r}: must be one of alpaca, chat, text")
+        raise ValueError(f"format={fmt!r}: must be one of alpaca, prompt_completion, chat, text")
     ids = ids[:max_length]
     labels = list(ids)
     if not train_on_prompt:
-        masked = min(len(prompt_ids), len(ids))
+        masked = _common_prefix(prompt_ids, ids)
         labels[:masked] = [-100] * masked
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
@@ -96,7 +138,7 @@ def check_records(dataset, what: str = "dataset") -> str:
     columns = getattr(dataset, "column_names", None)
     if columns is None:
         raise TypeError(f"{what} is a {type(dataset).__name__}: expected a datasets.Dataset (e.g. "
-                        "datasets.Dataset.from_list(records)) of alpaca, chat, text or tokenised records")
+                        "datasets.Dataset.from_list(records)) of alpaca, prompt/completion, messages, text or tokenised records")
     if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise ValueError(f"{what} is empty (0 records, columns {list(columns)}): give at least one record")
     try:
@@ -117,8 +159,13 @@ def longest_sequence(dataset) -> int:
     return int(pc.max(pc.list_value_length(column)).as_py() or 0)
 
 
-def prepare_dataset(dataset, tokenizer, max_length: int = 512, train_on_prompt: bool = False, num_proc=None):
-    """Tokenise a `datasets.Dataset` of alpaca / chat / text records (tokenised ones pass through)."""
+def prepare_dataset(dataset, tokenizer, max_length: int = 512, train_on_prompt: bool = False, num_proc=None,
+                    what: str = "dataset"):
+    """Tokenise a `datasets.Dataset` of alpaca / prompt-completion / chat / text records (tokenised ones pass
+    through); records with no response token within `max_length` are dropped and counted in the log.
+
+    `what` names the data set in messages (train_dataset, data.train[0] ...). Raises ValueError when no record
+    is left, naming `max_length` and `train_on_prompt`: call it before loading a model."""
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: must be at least 2 tokens")
     fmt = detect_format(dataset.column_names)
@@ -132,7 +179,20 @@ def prepare_dataset(dataset, tokenizer, max_length: int = 512, train_on_prompt: 
         num_proc=num_proc,
         desc=f"Tokenizing {fmt} records",
     )
-    return tokenized.filter(lambda r: any(label != -100 for label in r["labels"][1:]), desc="Dropping empty targets")
+    # labels[0] is never predicted (the loss shifts by one): a record needs a response label after it.
+    kept = tokenized.filter(lambda r: any(label != -100 for label in r["labels"][1:]), desc="Dropping empty targets")
+    dropped = len(tokenized) - len(kept)
+    if len(kept) == 0:
+        masked = "" if train_on_prompt else " (prompt tokens are not trained on: train_on_prompt=False)"
+        raise ValueError(
+            f"{what}: none of its {len(tokenized)} {fmt} records has a response token left to train on within "
+            f"max_length={max_length}{masked}; raise max_length, pass train_on_prompt=True, or check the "
+            "response field"
+        )
+    if dropped:
+        logger.warning("%s: %d of %d %s records dropped: no response token left to train on within max_length=%d "
+                       "(an empty response, or a prompt that fills it)", what, dropped, len(tokenized), fmt, max_length)
+    return kept
 
 
 def load_records(source: str, split: str = "train"):

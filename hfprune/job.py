@@ -187,9 +187,8 @@ def load_data(recipe: Recipe, split: str, tokenizer, log: Log = _print):
         if len(raw) == 0:
             raise ValueError(f"{key} ({source.path}): no records")
         log(f"  {key}: {source.path} -- {len(raw)} {fmt} records")
-        tokenized = prepare_dataset(raw, tokenizer, data.max_length, data.train_on_prompt, data.num_proc)
-        if len(tokenized) == 0:
-            raise ValueError(f"{key} ({source.path}): no record has a response left to train on after tokenisation")
+        tokenized = prepare_dataset(raw, tokenizer, data.max_length, data.train_on_prompt, data.num_proc,
+                                    what=f"{key} ({source.path})")  # raises when no record is left
         parts.append(tokenized)
         formats.append(fmt)
     if not parts:
@@ -458,6 +457,7 @@ def evaluate_checkpoint(recipe: Recipe, export_dir, dense_path, log: Log = _prin
         sources=settings.perplexity, seq_len=settings.seq_len, tasks=settings.tasks, speed=settings.speed,
         batch_size=settings.batch_size, max_windows=settings.max_windows, tail=settings.tail,
         task_dir=settings.task_dir, zero_shot_limit=settings.zero_shot_limit, progress=True,
+        zero_shot_batch_size=settings.zero_shot_batch_size,
     )
     log(f"  pruned: {export_dir}")
     model, tokenizer = _load_for_eval(export_dir, device, "auto")

@@ -173,7 +173,7 @@ def _schedule_text(schedule: dict) -> str:
         f"steps ({schedule['schedule']}), {len(steps)} mask updates at step (share of the target): "
         f"{', '.join(shown)}; then "
         f"{schedule['total_steps'] - schedule['pruning_steps']} recovery steps"
-    )
+    ) + (f"\n  WARNING: {schedule['warning']}" if schedule.get("warning") else "")
 
 
 # ---- the dry run --------------------------------------------------------------------------------------------
@@ -427,6 +427,7 @@ def _schedule(config: PruningConfig, total_steps: Optional[int], source: str, sc
         "last_step": schedule.last_step,
         "update_steps": updates,
         "progress": [round(schedule.progress(s), 6) for s in updates],
+        "warning": schedule.coarse_ramp(),  # None, or why the ramp is in effect one shot
     }
 
 

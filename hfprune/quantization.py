@@ -24,8 +24,7 @@ from . import bnb4bit
 from .structure import ModelStructure, base_layer, unwrap_model
 from .surgery import is_int8_linear
 
-QUANT_TYPES = bnb4bit.QUANT_TYPES
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+from .quant_formats import COMPUTE_DTYPES, QUANT_TYPES  # noqa: F401  (named here too)
 FULL_GRADIENT_ALTERNATIVES = "'lora', 'activation_taylor', 'activation', 'flap' or 'magnitude'"
 
 

@@ -102,6 +102,37 @@ def _warn_beyond_positions(dataset, config, what: str) -> None:
         )
 
 
+#: Arguments of trl's SFTTrainer / older trl releases that mean something PruningTrainer calls otherwise.
+_RENAMED_ARGUMENTS = {
+    "max_seq_length": "max_length",  # trl's SFTConfig renamed it max_length too
+    "tokenizer": "processing_class",  # transformers' Trainer renamed it
+}
+
+
+def _check_trainer_kwargs(kwargs: dict) -> None:
+    """Keyword arguments Trainer.__init__ would refuse, refused before anything is loaded, with the right name."""
+    import difflib
+    import inspect
+
+    valid = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    valid |= set(inspect.signature(PruningTrainer.__init__).parameters) - {"self", "kwargs"}
+    for name in kwargs:
+        if name in valid:
+            continue
+        if name in _RENAMED_ARGUMENTS:
+            raise TypeError(f"PruningTrainer got {name}=: it is called {_RENAMED_ARGUMENTS[name]}= here "
+                            f"(PruningTrainer(..., {_RENAMED_ARGUMENTS[name]}={kwargs[name]!r}))")
+        close = difflib.get_close_matches(name, sorted(valid), n=1)
+        hint = f"; did you mean {close[0]}=?" if close else f"; valid: {', '.join(sorted(valid))}"
+        raise TypeError(f"PruningTrainer got an unexpected keyword argument {name!r}{hint}")
+
+
+def _tokenizer_kwargs(model_init_kwargs: Optional[dict]) -> dict:
+    """The loading arguments the tokenizer shares with the model (the same revision of the same repository)."""
+    shared = ("revision", "trust_remote_code", "token", "cache_dir", "subfolder")
+    return {k: v for k, v in (model_init_kwargs or {}).items() if k in shared}
+
+
 class PruningTrainer(Trainer):
     """Trainer for LoRA-guided structured pruning (see the module docstring).
 
@@ -116,8 +147,13 @@ class PruningTrainer(Trainer):
             (NF4, double quantization, bfloat16 compute; pass a `BitsAndBytesConfig(load_in_4bit=True, ...)`
             as `quantization_config` for other settings). Full-gradient criteria need a full-precision base.
         train_dataset / eval_dataset: alpaca, chat, plain-text or tokenised records (see `hfprune.data`).
-        processing_class: the tokenizer (loaded from the model id when omitted).
-        max_length: truncation length when tokenising; train_on_prompt: also train on prompt tokens.
+        processing_class: the tokenizer (loaded from the model id when omitted, before the model).
+        max_length: truncation length when tokenising (trl's `max_seq_length` is called this here too);
+            train_on_prompt: also train on prompt tokens. The data sets are tokenised before a hub id's model
+            is loaded, so a data set with nothing to train on fails in seconds.
+
+    `args.ddp_find_unused_parameters` defaults to False (when left None), as the recipes set it: every
+    trainable parameter gets a gradient at every step, masked groups included.
     """
 
     _tag_names = ["hfprune", "pruned", "structured-pruning"]
@@ -142,6 +178,7 @@ class PruningTrainer(Trainer):
         distillation=None,
         **kwargs: Any,
     ):
+        _check_trainer_kwargs(kwargs)  # a misspelt or trl-only argument: a TypeError now, not after the model load
         self.pruning_config = pruning_config or PruningConfig()
         self.distillation = distillation
         self._warned_no_teacher = False
@@ -153,6 +190,7 @@ class PruningTrainer(Trainer):
         for what, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_records(dataset, what)
+        model_id = None
         if isinstance(model, str):
             check_quantization_config(quantization_config)
             if load_in_4bit and (load_in_8bit or quantization_config is not None):
@@ -171,28 +209,31 @@ class PruningTrainer(Trainer):
                 flag = "load_in_8bit=False" if load_in_8bit else "no quantization_config / load_in_4bit"
                 raise ValueError(f"{error}; here: pass {flag}") from None
             model_id = check_model_source(model, "model")  # a missing path or pickle weights: before loading
+            if processing_class is None:  # the tokenizer first: the data is checked before the model loads
+                processing_class = AutoTokenizer.from_pretrained(model_id, **_tokenizer_kwargs(model_init_kwargs))
+        if processing_class is not None and getattr(processing_class, "pad_token", "x") is None:
+            processing_class.pad_token = processing_class.eos_token
+        # Tokenised (and refused when nothing is left to train on) before the model load, which can take minutes.
+        if train_dataset is not None:
+            train_dataset = prepare_dataset(train_dataset, processing_class, max_length, train_on_prompt,
+                                            what="train_dataset")
+        if eval_dataset is not None:
+            eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, train_on_prompt,
+                                           what="eval_dataset")
+        if model_id is not None:
             model = load_model(model_id, load_in_8bit, quantization_config, model_init_kwargs)
-            if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path or model_id)
         check_criterion_fits_base(criterion, importance, quantized_kind(model))
+        if train_dataset is not None:
+            _warn_beyond_positions(train_dataset, unwrap_model(model).config, "train_dataset")
         args = args or TrainingArguments(output_dir="hfprune-output")
+        if args.ddp_find_unused_parameters is None:
+            # As the recipes do: masked groups still run, so every trainable parameter gets a gradient, and DDP's
+            # search for unused ones (its default for a PeftModel) would cost a graph walk every step.
+            args.ddp_find_unused_parameters = False
         set_seed(args.seed)  # as Trainer.__init__ does, but before the LoRA weights are drawn: same seed, same run
         self.pruning_callback = PruningCallback(self.pruning_config)
         self.pruning_callback.original_checkpoint = getattr(unwrap_model(model).config, "_name_or_path", None) or None
         model = self._prepare_peft_model(model, peft_config, args)
-        if processing_class is not None and getattr(processing_class, "pad_token", "x") is None:
-            processing_class.pad_token = processing_class.eos_token
-        if train_dataset is not None:
-            train_dataset = prepare_dataset(train_dataset, processing_class, max_length, train_on_prompt)
-            if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-                raise ValueError(
-                    f"train_dataset: no record has a response left to train on after tokenisation (max_length="
-                    f"{max_length}, train_on_prompt={train_on_prompt}): the prompts fill max_length; raise it, or "
-                    "pass train_on_prompt=True"
-                )
-            _warn_beyond_positions(train_dataset, unwrap_model(model).config, "train_dataset")
-        if eval_dataset is not None:
-            eval_dataset = prepare_dataset(eval_dataset, processing_class, max_length, train_on_prompt)
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForSeq2Seq(processing_class, padding=True, label_pad_token_id=-100)
         callbacks = list(callbacks or []) + [self.pruning_callback]

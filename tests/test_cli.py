@@ -73,7 +73,7 @@ OPTIONS = {
     "prune": ["RECIPE.yaml", "KEY=VALUE", "--dry-run", "--json"],
     "plan": ["--steps", "--world-size", "--with-lora", "--per-layer", "--no-memory", "--json", "--dry-run"],
     "eval": ["--ppl-source", "--seq-len", "--max-windows", "--baseline", "--speed", "--tasks", "--task-dir",
-             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--zero-shot-dev", "--zero-shot-dev-tasks",
+             "--output", "--tail", "--batch-size", "--zero-shot-limit", "--zero-shot-batch-size", "--zero-shot-dev", "--zero-shot-dev-tasks",
              "--device", "--dtype", "--trust-remote-code"],
     "push": ["DIR", "REPO_ID", "--private", "--token", "--revision", "--commit-message", "--create-pr"],
     "estimate": ["MODEL_OR_CONFIG", "--criterion", "--load-in-8bit", "--seq-len", "--batch", "--lora-r",
@@ -95,6 +95,29 @@ def test_top_level_help_lists_the_commands(capsys):
     code, out, _ = _run(capsys, "--help")
     assert code == 0 and all(name in out for name in OPTIONS)
     assert _run(capsys)[0] == 2  # no command: usage error
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["estimate", "--help"], ["prune", "--help"]])
+def test_config_only_help_imports_no_torch(argv):
+    """`--help` builds the parser from the recipes' schema and the criterion names: none of it needs torch
+    (nor transformers), so it starts in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; from hfprune.cli import main; code = main({argv!r}); "
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'bitsandbytes', 'peft'}); "
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_estimate_help_lists_every_built_in_criterion(capsys):
+    from hfprune.importance.names import BUILTIN_CRITERIA
+
+    code, out, _ = _run(capsys, "estimate", "--help")
+    assert code == 0
+    assert all(name in " ".join(out.split()) for name in BUILTIN_CRITERIA)
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------
@@ -249,6 +272,17 @@ def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_p
     assert code == 2 and "text_field='body' is not a column" in err
     code, _, err = _run(capsys, "prune", str(path), "data.train=missing.json")
     assert code == 2 and "no such file" in err
+
+
+def test_data_with_nothing_to_train_on_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+    path = _recipe(tmp_path, tiny_base)
+    records = [{"prompt": "p" * 200, "completion": "c"}] * 3  # trl's prompt-completion format, prompts too long
+    (tmp_path / "long.json").write_text(json.dumps(records))
+    code, _, err = _run(capsys, "prune", str(path), "data.train=long.json", "data.max_length=64",
+                        "data.train_on_prompt=false")
+    assert code == 2
+    assert "data.train[0] (" in err and "none of its 3 prompt_completion records has a response token left" in err
+    assert "max_length=64" in err
 
 
 def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp_path, tiny_base, no_training,

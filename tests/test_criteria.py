@@ -178,3 +178,20 @@ def test_every_built_in_criterion_declares_what_the_estimator_and_trainer_read()
         assert criterion.needs_weight_gradients == (name in ("taylor", "taylor2", "param_second", "vector"))
         assert criterion.work_buffers >= 0 and criterion.weight_state_buffers >= 0
         criterion.release()  # a criterion that was never prepared releases nothing, without error
+
+
+def test_the_built_in_names_are_exactly_what_the_criterion_modules_register():
+    """names.BUILTIN_CRITERIA (torch-free, read by `hfprune estimate --help`) is the registry's list of built-in
+    modules: a criterion module added without its entry there would never be registered."""
+    import re
+    from pathlib import Path
+
+    import hfprune.importance as package
+    from hfprune.importance.names import BUILTIN_CRITERIA
+
+    declared = {}
+    for path in Path(package.__file__).parent.glob("*.py"):
+        for name in re.findall(r'^@register_importance\("([^"]+)"', path.read_text(), flags=re.M):
+            declared[name] = path.stem
+    assert declared == BUILTIN_CRITERIA
+    assert set(BUILTIN_CRITERIA) <= set(package.available_importances())

@@ -156,6 +156,39 @@ def test_text_longer_than_the_context_is_windowed_without_a_length_warning(model
     assert warned()
 
 
+def test_a_long_perplexity_run_says_how_long_and_how_to_make_it_quick():
+    from hfprune.evaluation.perplexity import long_run_note
+
+    # The defaults on a 2-core CPU: WikiText-2 at 2048 tokens, 141 windows, 4.5 s each.
+    note = long_run_note("wikitext2", 141, 2048, 1, 4.5, 141)
+    assert note.startswith("perplexity wikitext2: 141 windows of 2048 tokens (288768 tokens) at 4.5 s a window here: "
+                           "about 10 min 34 s for this model.")
+    assert "--max-windows 13 (max_windows=13; about 58 s)" in note and "--seq-len such as 512" in note
+    assert long_run_note("wikitext2", 20, 512, 4, 2.0, 5) is None  # 10 s: nothing to say
+    assert "about 2 h 30 min" in long_run_note("c4", 3000, 2048, 1, 3.0, 3000)
+
+
+def test_perplexity_warns_after_its_first_window_when_the_rest_will_take_long(model, tokenizer, caplog,
+                                                                             monkeypatch):
+    import importlib
+
+    module = importlib.import_module("hfprune.evaluation.perplexity")  # the package's `perplexity` is the function
+    clock = iter([0.0, 90.0] + [90.0] * 100)  # the first window "took" 90 s, 10 windows follow
+    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("WARNING", logger="hfprune.evaluation.perplexity"):
+        result = perplexity(model, tokenizer, TEXTS, seq_len=16)
+    assert result.n_windows == 10
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "hfprune.evaluation.perplexity"]
+    assert "10 windows of 16 tokens (160 tokens) at 90.0 s a window here: about 15 min 0 s" in warning
+    assert "--max-windows 1 " in warning
+
+    caplog.clear()
+    monkeypatch.setattr(module.time, "perf_counter", lambda: 0.0)
+    with caplog.at_level("WARNING", logger="hfprune.evaluation.perplexity"):
+        perplexity(model, tokenizer, TEXTS, seq_len=16)
+    assert not [r for r in caplog.records if r.name == "hfprune.evaluation.perplexity"]
+
+
 def test_local_txt_jsonl_json_sources(model, tokenizer, tmp_path):
     txt = tmp_path / "docs.txt"
     txt.write_text(TEXTS[0] + "\n\n" + TEXTS[1] + "\n" + TEXTS[2] + "\n")  # the blank line is skipped
@@ -420,8 +453,10 @@ def test_report_json_round_trip_and_markdown(tmp_path):
     assert "| FLOPs speed-up limit |  |  | 1.20x |" in lines
     assert not any("boolq acc_norm" in line for line in lines)
 
-    alone = EvaluationReport(pruned=report.pruned).to_markdown().splitlines()
-    assert alone[0] == "| metric | pruned |"
+    assert "Accuracies in %; their change in percentage points." in table
+    alone = EvaluationReport(pruned=report.pruned).to_markdown()
+    assert alone.splitlines()[0] == "| metric | pruned |"
+    assert "Accuracies in %." in alone and "percentage points" not in alone  # no change column, no word of it
 
 
 def test_report_shows_the_zero_shot_dev_suites(tmp_path):

@@ -165,7 +165,8 @@ def _points(dense: float, pruned: float) -> str:
 def _notes(models) -> str:
     notes = []
     if any(m.zero_shot or m.zero_shot_dev for m in models):
-        notes.append("Accuracies in %; their change in percentage points.")
+        # The change column exists only beside a dense baseline.
+        notes.append("Accuracies in %; their change in percentage points." if len(models) == 2 else "Accuracies in %.")
     dev = next((m.zero_shot_dev for m in models if m.zero_shot_dev), None)
     if dev:
         rows = ", ".join(f"{task} {metrics['n']}" for task, metrics in dev.items() if task != AVERAGE)

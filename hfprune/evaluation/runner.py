@@ -19,7 +19,7 @@ from .multiple_choice import AVERAGE, ZERO_SHOT_DEV_TASKS, evaluate_zero_shot, l
 from .perplexity import perplexity
 from .results import EvaluationReport, ModelEvaluation
 from .speed import SpeedComparison, SpeedResult, measure_speed
-from .zero_shot import ZERO_SHOT_TASKS, zero_shot
+from .zero_shot import ZERO_SHOT_BATCH_SIZE, ZERO_SHOT_TASKS, zero_shot
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ def evaluate_model(
     zero_shot_dev: str | os.PathLike | None = None,
     zero_shot_dev_tasks: Sequence[str] = ZERO_SHOT_DEV_TASKS,
     progress: bool = False,
+    zero_shot_batch_size: int | str = ZERO_SHOT_BATCH_SIZE,
 ) -> ModelEvaluation:
     """Measure one in-memory model. ``speed`` is False, True, or kwargs of ``measure_speed``.
+
+    ``batch_size`` is perplexity windows per forward pass; lm-eval's zero-shot requests, much shorter, go
+    ``zero_shot_batch_size`` at a time.
 
     ``zero_shot_dev`` is a ``zeroshot_dev/`` folder: its suites are scored by hfprune's own
     multiple-choice scorer (``zero_shot_limit`` rows each if given), beside any lm-eval ``tasks``.
@@ -64,7 +68,7 @@ def evaluate_model(
         logger.info("%s: perplexity %s = %.3f over %d tokens", name, source, result.ppl, result.n_tokens)
     if tasks:
         evaluation.zero_shot = zero_shot(
-            model, tokenizer, tasks=tasks, batch_size=batch_size, task_dir=task_dir, limit=zero_shot_limit
+            model, tokenizer, tasks=tasks, batch_size=zero_shot_batch_size, task_dir=task_dir, limit=zero_shot_limit
         )
     if zero_shot_dev is not None:
         evaluation.zero_shot_dev = evaluate_zero_shot(
@@ -121,6 +125,7 @@ def run_eval(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     progress: bool = True,
+    zero_shot_batch_size: int | str = ZERO_SHOT_BATCH_SIZE,
 ) -> EvaluationReport:
     """Evaluate ``model_path`` (and the dense ``baseline`` if given); save to ``output``.
 
@@ -135,6 +140,7 @@ def run_eval(
         sources=sources, seq_len=seq_len, tasks=tasks, speed=speed, batch_size=batch_size,
         max_windows=max_windows, tail=tail, task_dir=task_dir, zero_shot_limit=zero_shot_limit,
         zero_shot_dev=zero_shot_dev, zero_shot_dev_tasks=zero_shot_dev_tasks, progress=progress,
+        zero_shot_batch_size=zero_shot_batch_size,
     )
     evaluations = {}
     for role, path in (("dense", baseline), ("pruned", model_path)):

@@ -26,6 +26,9 @@ from ..quiet import drop_messages
 # The seven commonsense tasks reported by LLM-Pruner and LoRAPrune.
 ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ACCURACY_METRICS = ("acc", "acc_norm")
+# lm-eval requests are a few hundred tokens at most: 16 a forward pass costs a GPU little memory and saves it most
+# of its time; on one CPU thread it still saves a quarter (SmolLM2, 200 PIQA requests: 33 s -> 25 s CPU time).
+ZERO_SHOT_BATCH_SIZE = 16
 
 
 # lm-eval warnings about how hfprune calls it, not about the user's model or tasks: an in-memory model
@@ -118,7 +121,7 @@ def zero_shot(
     model: torch.nn.Module,
     tokenizer,
     tasks: Sequence[str] = ZERO_SHOT_TASKS,
-    batch_size: int | str = 1,
+    batch_size: int | str = ZERO_SHOT_BATCH_SIZE,
     num_fewshot: int = 0,
     limit: int | float | None = None,
     task_dir: str | os.PathLike | None = None,
@@ -128,8 +131,9 @@ def zero_shot(
     """Accuracy of ``model`` on lm-eval ``tasks``: ``{task: {"acc": .., "acc_norm": ..}}``.
 
     ``limit`` caps the examples per task (for quick checks only; reported
-    numbers use the full sets). ``max_length`` overrides the context length
-    lm-eval would read from the config.
+    numbers use the full sets). ``batch_size`` requests go through one forward pass (lm-eval sorts them by
+    length), or ``"auto"``: the largest that fits the GPU, as lm-eval finds it. ``max_length`` overrides the
+    context length lm-eval would read from the config.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM

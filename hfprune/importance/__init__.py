@@ -6,46 +6,60 @@
     class MyCriterion(ImportanceCriterion):
         def element_importance(self, module, rows):
             ...  # [rows, in] float32 tensor, higher = more important
+
+The built-in criteria are listed by name in `names.py` (torch-free) and registered by their
+modules when the registry is first used. Names here are imported on first use, as in
+`hfprune/__init__.py`, so `hfprune.importance.names` can be read without importing torch.
 """
 
-from . import activation, activation_taylor, bonsai, lora, magnitude, random_, taylor  # noqa: F401  (registers the built-in criteria)
-from .accumulator import ScoreAccumulator
-from .base import (
-    NEEDS,
-    ROLES,
-    GroupScores,
-    ImportanceCriterion,
-    ModuleScores,
-    Needs,
-    RemovalTarget,
-    available_importances,
-    get_importance,
-    group_scores,
-    normalize_module_scores,
-    register_importance,
-)
-from .scoring import (
-    check_scores_in_training, make_accumulator, make_criterion, make_training_criterion, score_layers, score_model,
-)
+from __future__ import annotations
 
-__all__ = [
-    "NEEDS",
-    "ROLES",
-    "GroupScores",
-    "ImportanceCriterion",
-    "ModuleScores",
-    "Needs",
-    "RemovalTarget",
-    "ScoreAccumulator",
-    "available_importances",
-    "check_scores_in_training",
-    "get_importance",
-    "group_scores",
-    "make_accumulator",
-    "make_criterion",
-    "make_training_criterion",
-    "normalize_module_scores",
-    "register_importance",
-    "score_layers",
-    "score_model",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "NEEDS": "base",
+    "ROLES": "base",
+    "GroupScores": "base",
+    "ImportanceCriterion": "base",
+    "ModuleScores": "base",
+    "Needs": "base",
+    "RemovalTarget": "base",
+    "available_importances": "base",
+    "get_importance": "base",
+    "group_scores": "base",
+    "normalize_module_scores": "base",
+    "register_importance": "base",
+    "ScoreAccumulator": "accumulator",
+    "check_scores_in_training": "scoring",
+    "make_accumulator": "scoring",
+    "make_criterion": "scoring",
+    "make_training_criterion": "scoring",
+    "score_layers": "scoring",
+    "score_model": "scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfprune.importance' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .accumulator import ScoreAccumulator
+    from .base import (
+        NEEDS, ROLES, GroupScores, ImportanceCriterion, ModuleScores, Needs, RemovalTarget, available_importances,
+        get_importance, group_scores, normalize_module_scores, register_importance,
+    )
+    from .scoring import (
+        check_scores_in_training, make_accumulator, make_criterion, make_training_criterion, score_layers, score_model,
+    )

@@ -17,6 +17,7 @@ into the scores of the removable groups (query head, KV group, MLP channel).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Optional, get_args
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..structure import LayerStructure, base_layer
+from .names import BUILTIN_CRITERIA
 
 #: What must exist when a criterion scores, and so what the caller must run before it:
 #:   nothing               weights only (magnitude, random)
@@ -202,10 +204,22 @@ class ImportanceCriterion:
 
 
 _REGISTRY: dict[str, Callable[[], ImportanceCriterion]] = {}
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import the modules that register the built-in criteria (names.BUILTIN_CRITERIA), once."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True  # first: the modules call register_importance while they load
+    for module in sorted(set(BUILTIN_CRITERIA.values())):
+        importlib.import_module(f".{module}", __package__)  # each registers its names (tests/test_criteria.py)
 
 
 def register_importance(name: str, factory: Optional[Callable[[], ImportanceCriterion]] = None, overwrite: bool = False):
     """Register a criterion class (or factory) under `name`; usable as a decorator."""
+    _load_builtins()  # a user's name that clashes with a built-in one is refused, whatever was imported first
 
     def register(factory_: Callable[[], ImportanceCriterion]):
         if name in _REGISTRY and not overwrite:
@@ -217,10 +231,12 @@ def register_importance(name: str, factory: Optional[Callable[[], ImportanceCrit
 
 
 def available_importances() -> tuple[str, ...]:
+    _load_builtins()
     return tuple(sorted(_REGISTRY))
 
 
 def get_importance(name: str, **kwargs) -> ImportanceCriterion:
+    _load_builtins()
     if name not in _REGISTRY:
         raise ValueError(f"importance={name!r}: unknown criterion; available: {', '.join(available_importances())}")
     criterion = _REGISTRY[name](**kwargs)

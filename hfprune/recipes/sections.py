@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .. import validation as check
-from ..quantization import COMPUTE_DTYPES, QUANT_TYPES
+from ..quant_formats import COMPUTE_DTYPES, QUANT_TYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 EXPORT_DTYPES = DTYPES[1:]
@@ -223,7 +223,10 @@ class EvalSection:
     max_windows: Optional[int] = field(
         default=None, metadata={"help": "Evaluate at most this many windows per source."}
     )
-    batch_size: int = field(default=1, metadata={"help": "Evaluation batch size."})
+    batch_size: int = field(default=1, metadata={"help": "Perplexity windows per forward pass."})
+    zero_shot_batch_size: int = field(
+        default=16, metadata={"help": "lm-eval zero-shot requests per forward pass (short: a few hundred tokens)."}
+    )
     tail: str = field(default="drop", metadata={"help": "Drop or include the last partial window.", "choices": TAILS})
     speed: Union[bool, dict] = field(
         default=False, metadata={"help": "Measure prefill/decode speed (a mapping: measure_speed arguments)."}
@@ -244,6 +247,7 @@ class EvalSection:
         check.integer("seq_len", self.seq_len, minimum=1)
         check.integer("max_windows", self.max_windows, minimum=1, optional=True)
         check.integer("batch_size", self.batch_size, minimum=1)
+        check.integer("zero_shot_batch_size", self.zero_shot_batch_size, minimum=1)
         check.choice("tail", self.tail, TAILS)
         if not isinstance(self.speed, (bool, dict)):
             raise TypeError(f"speed={self.speed!r}: must be true/false or a mapping of measure_speed arguments")

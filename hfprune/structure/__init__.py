@@ -1,41 +1,57 @@
-"""What can be pruned: per-architecture discovery of KV groups, query heads and MLP channels."""
+"""What can be pruned: per-architecture discovery of KV groups, query heads and MLP channels.
 
-from .arch import (
-    ATTENTION_ROLES,
-    MLP_ROLES,
-    PROJECTION_ROLES,
-    ArchitectureSpec,
-    get_architecture,
-    register_architecture,
-    supported_model_types,
-)
-from .discovery import (
-    LayerStructure,
-    ModelStructure,
-    base_layer,
-    default_protected_layers,
-    discover,
-    discover_for_config,
-    head_rows,
-    is_lora_wrapped,
-    unwrap_model,
-)
+    arch        the declarative family descriptions (torch-free: config-only commands read them)
+    discovery   the walk of a model into prunable groups (needs torch)
 
-__all__ = [
-    "ATTENTION_ROLES",
-    "MLP_ROLES",
-    "PROJECTION_ROLES",
-    "ArchitectureSpec",
-    "LayerStructure",
-    "ModelStructure",
-    "base_layer",
-    "default_protected_layers",
-    "discover",
-    "discover_for_config",
-    "get_architecture",
-    "head_rows",
-    "is_lora_wrapped",
-    "register_architecture",
-    "supported_model_types",
-    "unwrap_model",
-]
+Names are imported on first use, as in `hfprune/__init__.py`, so that importing
+`hfprune.structure.arch` (the recipes' schema and `hfprune --help` do) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ATTENTION_ROLES": "arch",
+    "MLP_ROLES": "arch",
+    "PROJECTION_ROLES": "arch",
+    "ArchitectureSpec": "arch",
+    "get_architecture": "arch",
+    "register_architecture": "arch",
+    "supported_model_types": "arch",
+    "LayerStructure": "discovery",
+    "ModelStructure": "discovery",
+    "base_layer": "discovery",
+    "default_protected_layers": "discovery",
+    "discover": "discovery",
+    "discover_for_config": "discovery",
+    "head_rows": "discovery",
+    "is_lora_wrapped": "discovery",
+    "unwrap_model": "discovery",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hfprune.structure' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .arch import (
+        ATTENTION_ROLES, MLP_ROLES, PROJECTION_ROLES, ArchitectureSpec, get_architecture, register_architecture,
+        supported_model_types,
+    )
+    from .discovery import (
+        LayerStructure, ModelStructure, base_layer, default_protected_layers, discover, discover_for_config,
+        head_rows, is_lora_wrapped, unwrap_model,
+    )
