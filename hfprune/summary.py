@@ -10,7 +10,7 @@ is a WARNING on the same logger, shown by default.
       base:          HuggingFaceTB/SmolLM2-135M-Instruct, 8-bit (bitsandbytes int8), other weights float32, on cpu
       LoRA:          rank 8, alpha 16 on 210 modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); 2.44M trainable parameters
       criterion:     lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer
-      compensation:  least_squares on the kept o_proj / down_proj columns (ridge 0.5) (compensation='auto')
+      compensation:  least_squares: removed heads / channels predicted from the kept ones, folded into o_proj / down_proj when sliced (ridge 0.5) (compensation='auto')
       target:        20% of the 92.01M prunable parameters (heads + channels, kv_group, ranking local)
       protected:     layers 0-2, 29
       steps:         100 optimizer steps: pruning 1-50, recovery 51-100
@@ -124,7 +124,8 @@ def _compensation_text(callback) -> str:
     compensator, asked = callback.compensator, callback.config.compensation
     if compensator is None:
         return "none"
-    text = f"{compensator.method} on the kept o_proj / down_proj columns (ridge {compensator.ridge:g})"
+    text = (f"{compensator.method}: removed heads / channels predicted from the kept ones, folded into o_proj / "
+            f"down_proj when sliced (ridge {compensator.ridge:g})")
     return text + (" (compensation='auto')" if asked == "auto" else "")
 
 

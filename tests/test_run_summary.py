@@ -86,8 +86,8 @@ def test_the_run_logs_its_summary_and_warns_of_a_one_shot_jump(tmp_path, trainer
                                     "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); ")
     assert lines["criterion"] == "lora (reads LoRA gradients); scores: EMA 0.9, per-module L2 normalisation, layer by layer"
     ridge = PruningConfig().compensation_ridge
-    assert lines["compensation"] == (f"least_squares on the kept o_proj / down_proj columns (ridge {ridge:g}) "
-                                     "(compensation='auto')")  # the default, as the run resolved it
+    assert lines["compensation"] == ("least_squares: removed heads / channels predicted from the kept ones, folded "
+                                     f"into o_proj / down_proj when sliced (ridge {ridge:g}) (compensation='auto')")  # the default, as the run resolved it
     assert lines["target"].startswith("30% of the ") and "(heads + channels, kv_group, ranking local)" in lines["target"]
     assert lines["protected"] == "layers 0"
     assert lines["steps"] == "20 optimizer steps: pruning 1-10, recovery 11-20"
@@ -112,8 +112,8 @@ def test_a_ramp_with_its_steps_is_summarised_without_a_warning(tmp_path, trainer
     assert ", float32, on cpu" in summary.splitlines()[1]
     assert "rank 4, alpha 8 on 8 modules (q_proj, v_proj)" in summary
     assert "activation_taylor (activation gradients, no weight gradient)" in summary
-    assert (f"compensation:  least_squares on the kept o_proj / down_proj columns (ridge {config.compensation_ridge:g})"
-            "\n") in summary and "protected:     layers 0, 3" in summary
+    assert ("compensation:  least_squares: removed heads / channels predicted from the kept ones, folded into "
+            f"o_proj / down_proj when sliced (ridge {config.compensation_ridge:g})\n") in summary and "protected:     layers 0, 3" in summary
     assert "mask updates:  4, at steps 1 (0.0%), 3 (70.4%), 5 (96.3%), 7 (100.0%)" in summary
     assert "weights sliced after step 16, the end of training (physical_removal='at_end')" in summary
     assert not _messages(trainer_log, logging.WARNING)
