@@ -291,6 +291,32 @@ def test_bounded_global_allocation_keeps_every_layer_within_its_spread(spread):
     assert removed[3] == max(removed.values()) and removed[3] >= (1 + spread) * share - per_channel
 
 
+@pytest.mark.parametrize("granularity", ["kv_group", "query_head"])
+def test_global_allocation_keeps_the_local_split_between_heads_and_channels(granularity):
+    """Heads and channels are scored from different projections: a global ranking moves each across layers
+    (layer 3's heads and channels barely matter, so it gives more of both) but removes as many head units in
+    all as the per-layer share does, and channels for the rest of the exact target."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    with torch.no_grad():
+        model.model.layers[3].self_attn.o_proj.weight.mul_(0.01)
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.01)
+    masks = {}
+    for ranking in ("local", "global"):
+        config = PruningConfig(target_sparsity=0.5, importance="magnitude", ranking=ranking, protected_layers=(0,),
+                               head_granularity=granularity, global_spread=None)
+        structure = discover(model, protected_layers=config.protected_layers)
+        accumulator = ScoreAccumulator(normalize=config.score_normalization)
+        score_model(structure, get_importance("magnitude"), accumulator)
+        masks[ranking] = allocate(structure, accumulator.layer_scores(structure.prunable_layers), config, 1.0)
+    heads = {r: sum(8 - int(m[i].heads.sum()) for i in range(1, 6)) for r, m in masks.items()}
+    assert heads["global"] == heads["local"] > 0
+    per_channel = structure.layers[1].params_per_channel
+    assert abs(removed_params(structure, masks["global"]) - 0.5 * structure.prunable_params()) <= per_channel
+    removed_channels = {i: 96 - int(masks["global"][i].channels.sum()) for i in range(1, 6)}
+    assert removed_channels[3] == max(removed_channels.values()) > min(removed_channels.values())
+    assert int(masks["global"][3].heads.sum()) == min(int(masks["global"][i].heads.sum()) for i in range(1, 6))
+
+
 def test_global_normalization_keeps_the_size_of_a_layer_relative_to_the_others():
     from hfprune.importance import normalize_module_scores
     from hfprune.importance.base import normalize_role_scores

@@ -254,8 +254,9 @@ def pruned_smollm2(smollm2_path, smollm2_tokenizer, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
-    prune_model(model, PruningConfig(target_sparsity=0.3, importance="magnitude", head_granularity="query_head",
-                                     ranking="global", min_heads=6))
+    prune_model(model, PruningConfig(target_sparsity=0.2, structures=["channels"], importance="magnitude",
+                                     ranking="global", global_spread=None))  # per-layer MLP widths
+    prune_model(model, PruningConfig(head_sparsity=0.34, importance="magnitude", head_granularity="query_head"))
     prune_model(model, PruningConfig(head_sparsity=0.5, channel_sparsity=0.1, importance="magnitude",
                                      head_granularity="query_head", protected_layers=tuple(range(15)) + (29,)))
     layers = discover(model, protected_layers=()).layers
