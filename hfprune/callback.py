@@ -40,7 +40,7 @@ from .atomic import check_export_dir, save_safetensors_atomic
 from .bnb_logging import quiet_int8_cast_warning
 from .checkpoints import STATE_FILE, last_complete_checkpoint
 from .config import PruningConfig
-from .compensator import make_compensator
+from .compensator import make_compensator, prepare_or_drop
 from .importance import make_accumulator, make_training_criterion, score_model
 from .masking import MaskHooks, PruningMasks
 from .quantization import check_quantized_base
@@ -85,6 +85,7 @@ class PruningCallback(TrainerCallback):
         self.criterion.loss_shares = True  # a step's micro-batches backpropagate loss / gradient_accumulation_steps
         self.accumulator = make_accumulator(config, self.criterion)
         self.compensator = make_compensator(config)  # None unless config.compensation asks for it
+        self.compensation_note: Optional[str] = None  # why compensation="auto" runs without it, when it does
         self.structure: Optional[ModelStructure] = None
         self.masks: Optional[PruningMasks] = None
         self.removal_masks: Optional[PruningMasks] = None  # masks applied physically, in original index space
@@ -202,7 +203,8 @@ class PruningCallback(TrainerCallback):
         self.sharding = distributed.sharding(model)
         distributed.check_sharded_criterion(self.sharding, self.criterion, self.config.importance)
         if self.sharding and self.compensator is not None and self.config.compensation == "auto":
-            logger.info("compensation='auto': none under %s (it would update sharded weights)", self.sharding)
+            self.compensation_note = f"compensation='auto': none under {self.sharding} (it would update sharded weights)"
+            logger.info(self.compensation_note)
             self.compensator = None
         if self.sharding and self.compensator is not None:
             raise ValueError(f"compensation={self.config.compensation!r} updates weights, which {self.sharding} keeps "
@@ -245,8 +247,8 @@ class PruningCallback(TrainerCallback):
             self.masks = PruningMasks.full(self.structure)
         if self._scoring(state.global_step):
             self.criterion.prepare(model, self.structure.prunable_layers)
-            if self.compensator is not None:
-                self.compensator.prepare(model, self.structure.prunable_layers)
+            self.compensator, self.compensation_note = prepare_or_drop(
+                self.compensator, self.config.compensation, model, self.structure.prunable_layers)
         self.hooks = MaskHooks(self.structure, self.masks)
         self.hooks.update(self.masks, self._reconstructions())  # a resumed run's masks, compensation included
         log_run_summary(self, args, state, model)

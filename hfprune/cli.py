@@ -219,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--lora-r", type=int, metavar="N", help="LoRA rank (default: 8, or the recipe's)")
     estimate.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                           help="keep only each layer's input and recompute (default: on, or the recipe's)")
+    from .config import COMPENSATIONS  # torch-free
+
+    estimate.add_argument("--compensation", choices=COMPENSATIONS,
+                          help="PruningConfig.compensation: auto and least_squares keep Gram matrices in host "
+                               "memory (default: auto, or the recipe's)")
     estimate.add_argument("--gpu-gb", type=float, metavar="GB", default=80,
                           help="GPU size for the fits / does not fit verdict")
     return parser
@@ -353,7 +358,7 @@ def _cmd_estimate(args) -> int:
     given = {name: value for name, value in (
         ("criterion", args.criterion), ("load_in_8bit", args.load_in_8bit), ("load_in_4bit", args.load_in_4bit),
         ("seq_len", args.seq_len), ("batch_size", args.batch), ("lora_r", args.lora_r),
-        ("gradient_checkpointing", args.gradient_checkpointing),
+        ("gradient_checkpointing", args.gradient_checkpointing), ("compensation", args.compensation),
     ) if value is not None}
     if args.double_quant:
         given["double_quant"] = True

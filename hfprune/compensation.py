@@ -141,6 +141,12 @@ class InputGram:
         return self.sums / self.count
 
 
+def layer_gram_bytes(query_width: int, intermediate: int) -> int:
+    """Bytes of one layer's statistics (`GramHooks` keeps an `InputGram` per role: a float32 Gram and float64
+    feature sums) for o_proj's input (query heads x head_dim) and down_proj's (the MLP channels)."""
+    return sum(4 * width * width + 8 * width for width in (query_width, intermediate))
+
+
 def _check_max_tokens(max_tokens) -> None:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens={max_tokens!r}: must be None (every token) or an integer >= 1")

@@ -25,15 +25,18 @@ for a model pruned once).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from .compensation import ROLES, GramHooks, InputGram, compensate_columns_, least_squares_map
+from .compensation import ROLES, GramHooks, InputGram, compensate_columns_, layer_gram_bytes, least_squares_map
 from .masking import LayerMask, PruningMasks
 from .structure import LayerStructure, ModelStructure
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("none", "least_squares")
 APPLIED = "_hfprune_compensation_applied"  # set on a model whose base weights carry its compensation
@@ -251,8 +254,38 @@ def replay_on_base(structure: ModelStructure, record: CompensationRecord) -> int
 
 
 def gram_bytes(layers: Iterable[LayerStructure]) -> int:
-    """float32 Gram matrices of the o_proj and down_proj inputs of `layers`."""
-    return sum(4 * (layer.num_heads * layer.head_dim) ** 2 + 4 * layer.intermediate_size ** 2 for layer in layers)
+    """The Gram statistics of the o_proj and down_proj inputs of `layers`."""
+    return sum(layer_gram_bytes(layer.num_heads * layer.head_dim, layer.intermediate_size) for layer in layers)
+
+
+class GramMemoryError(MemoryError):
+    """The Gram matrices of the prunable layers would not fit where they go (`check_gram_memory`)."""
+
+    def __init__(self, needed: int, free: int, where: str, layers: int):
+        self.summary = (f"Gram matrices of {needed / 2**30:.1f} GiB in {where} ({layers} layers), more than half of "
+                        f"the {free / 2**30:.1f} GiB available")
+        super().__init__(f"compensation='least_squares' keeps {self.summary}: pass PruningConfig(compensation='none'), "
+                         "or prune fewer layers at a time (protected_layers)")
+
+
+def prepare_or_drop(compensator: Optional["Compensator"], compensation: str, model: nn.Module,
+                    layers: Iterable[LayerStructure]) -> tuple[Optional["Compensator"], Optional[str]]:
+    """`compensator.prepare(model, layers)`, and why there is none when "auto" had to drop it.
+
+    compensation="auto" means least squares where it can run: when the Gram matrices do not fit (a 65B
+    model's take about 157 GB), the run goes on without compensation and says so (a warning, the run's
+    summary); compensation="least_squares" asked by name raises `GramMemoryError` before any work."""
+    if compensator is None:
+        return None, None
+    try:
+        compensator.prepare(model, layers)
+    except GramMemoryError as error:
+        if compensation != "auto":
+            raise
+        reason = f"compensation='auto' runs without compensation: it would keep {error.summary}"
+        logger.warning("%s; PruningConfig(compensation='none') says so up front", reason)
+        return None, reason
+    return compensator, None
 
 
 def check_gram_memory(layers: list[LayerStructure], device) -> None:
@@ -268,11 +301,7 @@ def check_gram_memory(layers: list[LayerStructure], device) -> None:
             return
         free, where = psutil.virtual_memory().available, "host memory"
     if needed > free / 2:
-        raise MemoryError(
-            f"compensation='least_squares' keeps Gram matrices of {needed / 2**30:.1f} GiB in {where} "
-            f"({len(layers)} layers), more than half of the {free / 2**30:.1f} GiB available: pass "
-            "PruningConfig(compensation='none'), or prune fewer layers at a time (protected_layers)"
-        )
+        raise GramMemoryError(needed, free, where, len(layers))
 
 
 def make_compensator(config, sees_activations: bool = True) -> Optional[Compensator]:

@@ -13,7 +13,7 @@ from .allocation import allocate, check_feasible, removal_targets, shortfall
 from .bnb_logging import quiet_int8_cast_warning
 from .config import PruningConfig
 from .distributed import check_resident
-from .compensator import make_compensator
+from .compensator import make_compensator, prepare_or_drop
 from .importance import make_accumulator, make_criterion, score_layers, score_model
 from .masking import PruningMasks
 from .quantization import check_quantized_base
@@ -69,8 +69,8 @@ def prune_model(
     quiet_int8_cast_warning()
     accumulator = make_accumulator(config, criterion, one_shot=True)
     try:
-        if compensator is not None:
-            compensator.prepare(model, structure.prunable_layers)  # its statistics come from the same passes
+        # its statistics come from the same passes ("auto" goes without when they do not fit)
+        compensator, _ = prepare_or_drop(compensator, config.compensation, model, structure.prunable_layers)
         if criterion.needs == "nothing":
             if compensator is not None:
                 _forward_passes(model, calibration_data)

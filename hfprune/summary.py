@@ -123,7 +123,8 @@ def _lora_text(model) -> str:
 def _compensation_text(callback) -> str:
     compensator, asked = callback.compensator, callback.config.compensation
     if compensator is None:
-        return "none"
+        note = getattr(callback, "compensation_note", None)
+        return f"none ({note})" if note else "none"
     text = (f"{compensator.method}: removed heads / channels predicted from the kept ones, folded into o_proj / "
             f"down_proj when sliced (ridge {compensator.ridge:g})")
     return text + (" (compensation='auto')" if asked == "auto" else "")

@@ -199,7 +199,6 @@ def test_export_of_a_compensated_8bit_base_replays_the_maps_on_the_full_precisio
     the int8 quantization error of the in-memory model."""
     from transformers import AutoModelForCausalLM
 
-    from hfprune import save_pruned
     from hfprune.export.merge import lora_weight_delta
 
     from .tiny_models import save_tiny
@@ -310,3 +309,29 @@ def test_with_compensation_the_dense_teacher_is_still_the_unpruned_model(tmp_pat
     trainer.train()
     torch.testing.assert_close(seen["teacher"], dense, atol=1e-5, rtol=1e-5)
     assert (seen["student"] - dense).abs().max() > 1e-2  # the student is the pruned, compensated model
+
+
+def test_grams_that_do_not_fit_stop_least_squares_up_front_and_auto_goes_without(monkeypatch, caplog):
+    """Half the host memory is the limit: compensation='least_squares' raises before any weight moves;
+    'auto' prunes without compensation and says why (warning; the callback's run summary shows the note)."""
+    import collections
+
+    import psutil
+
+    from hfprune.compensator import GramMemoryError
+
+    tiny_memory = collections.namedtuple("vmem", "available")(1024)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: tiny_memory)
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    config = PruningConfig(target_sparsity=0.3, importance="activation", protected_layers=(0,),
+                           compensation="least_squares")
+    with pytest.raises(GramMemoryError, match=r"compensation='least_squares' keeps Gram matrices of .* GiB in host "
+                                               r"memory .* pass PruningConfig\(compensation='none'\)"):
+        prune_model(model, config, calibration_data=_batches(seed=0))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), dense.state_dict().values()))
+    with caplog.at_level("WARNING", logger="hfprune.compensator"):
+        prune_model(model, PruningConfig(target_sparsity=0.3, importance="activation", protected_layers=(0,)),
+                    calibration_data=_batches(seed=0))
+    assert not attached(model).compensation  # pruned, not compensated
+    assert "compensation='auto' runs without compensation" in caplog.text

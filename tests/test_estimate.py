@@ -20,6 +20,7 @@ from hfprune.estimate import (
 )
 from hfprune.importance import available_importances, get_importance
 from hfprune.structure import PROJECTION_ROLES as PROJECTIONS
+from hfprune.structure import discover
 
 # Published sizes (model cards / papers).
 PUBLISHED_PARAMETERS = {
@@ -486,6 +487,7 @@ def test_a_recipe_is_estimated_as_it_will_run(tmp_path, capsys):
         "criterion": "activation_taylor", "load_in_8bit": True, "load_in_4bit": False, "seq_len": 256,
         "batch_size": 2, "gradient_checkpointing": False, "compute_dtype": "bfloat16", "optimizer": "adamw_8bit",
         "lora_r": 4, "lora_target_modules": ("q_proj", "v_proj", "down_proj"), "lora_dropout": 0.1,
+        "compensation": "auto", "protected_layers": None,
     }
     expected = estimate_recipe(recipe)
     assert expected.components == estimate_memory(
@@ -512,3 +514,43 @@ def test_the_shipped_65b_recipe_estimates_through_the_cli(capsys):
     assert main(["estimate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "**llama-65b**" in out and f"Peak: **{expected.total_gib:.2f} GiB**" in out
+
+
+def test_compensation_grams_are_counted_as_the_engine_allocates_them():
+    """The estimate's Gram bytes are what GramHooks holds after a forward pass over the prunable layers."""
+    from hfprune.compensation import GramHooks
+    from hfprune.compensator import gram_bytes
+
+    from .tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    structure = discover(model)
+    hooks = GramHooks()
+    hooks.prepare(model, structure.prunable_layers)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 8)))
+    held = sum(g.gram.numel() * g.gram.element_size() + g.sums.numel() * g.sums.element_size()
+               for g in hooks.grams.values())
+    hooks.release()
+    assert held == gram_bytes(structure.prunable_layers) > 0
+    estimate = estimate_memory(model.config, criterion="activation_taylor")
+    assert estimate.host_memory == {"compensation_grams": held}
+    assert "compensation's Gram matrices" in estimate.to_markdown()
+    # the peak itself is unchanged: the Grams live in host memory when the model is on a GPU
+    none = estimate_memory(model.config, criterion="activation_taylor", compensation="none")
+    assert none.host_memory == {} and none.total == estimate.total
+    everything = estimate_memory(model.config, criterion="activation_taylor", protected_layers=[])
+    assert everything.host_memory["compensation_grams"] == gram_bytes(structure.layers)
+
+
+def test_the_65b_grams_are_what_the_design_notes_say():
+    """LLaMA-65B: a 22016-wide MLP Gram is 1.9 GB per layer; 71 prunable layers of 80."""
+    estimate = estimate_memory("llama-65b", criterion="lora", load_in_8bit=True)
+    per_layer = 4 * 8192 ** 2 + 8 * 8192 + 4 * 22016 ** 2 + 8 * 22016
+    assert estimate.host_memory["compensation_grams"] == per_layer * (80 - 9)
+    assert 4 * 22016 ** 2 / 1e9 == pytest.approx(1.94, abs=0.01)
+
+
+def test_a_bad_compensation_is_named():
+    with pytest.raises(ValueError, match=r"compensation='ls': must be one of \['auto', 'least_squares', 'none'\]"):
+        estimate_memory("llama-7b", compensation="ls")

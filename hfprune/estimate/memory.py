@@ -30,6 +30,8 @@ def estimate_memory(
     upcast_non_quantized: bool = True,
     lora_dropout: float = 0.0,
     attn_implementation: str | None = None,
+    compensation: str = "auto",
+    protected_layers: Iterable[int] | None = None,
 ) -> MemoryEstimate:
     """Peak memory of one pruning step (forward, backward, scoring, optimizer step).
 
@@ -69,6 +71,11 @@ def estimate_memory(
             dropped-out input and mask.
         attn_implementation: ``"sdpa"`` (memory-efficient kernels, no seq² buffer) or
             ``"eager"``; default: what transformers picks (eager for Gemma 2).
+        compensation: `PruningConfig.compensation`; ``"auto"`` and ``"least_squares"`` keep the fp32 Gram
+            matrices of every prunable layer's o_proj and down_proj inputs, which hfprune holds in host
+            memory when the model is on a GPU: reported as `host_memory`, outside the peak.
+        protected_layers: `PruningConfig.protected_layers` (None: the first 10% and the last layer); the
+            other layers get Gram matrices.
 
     Raises:
         ValueError: a bad setting, or a full-gradient criterion on a quantized base.
@@ -82,7 +89,8 @@ def estimate_memory(
         lora_target_modules=tuple(lora_target_modules) if lora_r else (),
         gradient_checkpointing=gradient_checkpointing, compute_dtype=dtype_name(compute_dtype),
         optimizer="none" if optimizer is None else optimizer, upcast_non_quantized=upcast_non_quantized,
-        lora_dropout=lora_dropout, attn_implementation=attn_implementation,
+        lora_dropout=lora_dropout, attn_implementation=attn_implementation, compensation=compensation,
+        protected_layers=None if protected_layers is None else tuple(protected_layers),
     )
     check(settings, cost)
     shapes = model_shapes(config)
@@ -104,7 +112,23 @@ def estimate_memory(
         components=parts,
         phases=step,
         notes=_notes(settings, cost, attention, stored.weight_gradients),
+        host_memory=host_memory(shapes, settings),
     )
+
+
+def host_memory(shapes, settings: Settings) -> dict[str, int]:
+    """What hfprune keeps in host memory beside the step when the model is on a GPU: compensation's Gram
+    matrices (`PruningConfig(compensation="auto")` builds them whenever forward passes are seen)."""
+    if settings.compensation == "none":
+        return {}
+    from ..compensation import layer_gram_bytes
+    from ..structure.discovery import default_protected_layers
+
+    count = len(shapes.layers)
+    protected = (default_protected_layers(count) if settings.protected_layers is None
+                 else {i % count for i in settings.protected_layers})
+    return {"compensation_grams": sum(layer_gram_bytes(layer.query_width, layer.intermediate)
+                                      for i, layer in enumerate(shapes.layers) if i not in protected)}
 
 
 def _notes(s: Settings, cost: CriterionCost, attention: str, weight_gradients: int) -> tuple[str, ...]:

@@ -36,6 +36,8 @@ def recipe_settings(recipe) -> dict[str, Any]:
         "compute_dtype": model.dtype if model.dtype in DTYPE_BYTES else "bfloat16",
         "optimizer": _optimizer(training.optim),
         "lora_r": 0,
+        "compensation": recipe.pruning.compensation,
+        "protected_layers": recipe.pruning.protected_layers,
     }
     if load_in_4bit:
         settings["double_quant"] = bool(model.bnb_4bit_use_double_quant)

@@ -23,6 +23,7 @@ COMPONENT_LABELS = {
     "optimizer_workspace": "optimizer step temporaries",
     "forward_workspace": "one layer's forward (no grad)",
     "forward_loss_buffers": "logits: log-softmax (no grad)",
+    "compensation_grams": "compensation's Gram matrices (fp32, every prunable layer's o_proj / down_proj input)",
 }
 
 
@@ -38,6 +39,9 @@ class MemoryEstimate:
     phases: dict[str, dict[str, int]]
     """What is alive together at each phase's peak (parts of the components above)."""
     notes: tuple[str, ...] = ()
+    host_memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Kept in host memory when the model is on a GPU (in the same memory as the rest on a CPU), outside
+    `total`: compensation's Gram matrices."""
 
     @property
     def total(self) -> int:
@@ -80,6 +84,10 @@ class MemoryEstimate:
             mark = " (peak)" if name == self.peak_phase else ""
             lines.append(f"| {name}{mark} | {sum(parts.values()) / GiB:.2f} |")
         lines += ["", f"Peak: **{self.total_gib:.2f} GiB** ({self.total / 1e9:.1f} GB)."]
+        for name, value in self.host_memory.items():
+            lines.append(f"Host memory besides (on the CPU when the model is on a GPU, added to the peak when "
+                         f"it runs on the CPU): {COMPONENT_LABELS.get(name, name)} **{value / GiB:.2f} GiB**; "
+                         "compensation='none' drops them.")
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 

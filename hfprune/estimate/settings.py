@@ -93,6 +93,8 @@ class Settings:
     upcast_non_quantized: bool
     lora_dropout: float
     attn_implementation: str | None
+    compensation: str = "auto"
+    protected_layers: tuple[int, ...] | None = None
 
     @property
     def tokens(self) -> int:
@@ -122,6 +124,7 @@ class Settings:
             "gradient_checkpointing": self.gradient_checkpointing, "compute_dtype": self.compute_dtype,
             "optimizer": self.optimizer, "upcast_non_quantized": self.upcast_non_quantized,
             "lora_dropout": self.lora_dropout, "attn_implementation": attention,
+            "compensation": self.compensation, "protected_layers": self.protected_layers,
         }
 
 
@@ -155,6 +158,13 @@ def check(settings: Settings, cost: CriterionCost) -> None:
         raise ValueError(f"lora_dropout={s.lora_dropout!r}: must be in [0, 1)")
     if s.load_in_8bit and s.load_in_4bit:
         raise ValueError("load_in_8bit=True with load_in_4bit=True: choose one quantized base")
+    from ..config import COMPENSATIONS
+
+    if s.compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation={s.compensation!r}: must be one of {list(COMPENSATIONS)}")
+    if s.protected_layers is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                                  for i in s.protected_layers):
+        raise ValueError(f"protected_layers={s.protected_layers!r}: must be layer indices (integers) or None")
     if s.double_quant and not s.load_in_4bit:
         raise ValueError("double_quant=True without load_in_4bit=True: double quantization is of 4-bit absmax scales")
     _check_criterion(s, cost)
