@@ -8,8 +8,9 @@ pulls in transformers' Trainer and bitsandbytes only when asked for).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 from ._version import __version__  # noqa: E402,F401
 
@@ -50,16 +51,7 @@ from .export.registration import register_auto_classes as _register_auto_classes
 _register_auto_classes(defer=True)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hfprune' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 if TYPE_CHECKING:  # pragma: no cover
