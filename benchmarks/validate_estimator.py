@@ -66,7 +66,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hfprune.estimate import (  # noqa: E402
-    GiB,
     compare_criteria,
     comparison_markdown,
     estimate_memory,

@@ -151,3 +151,25 @@ def local_hub():
     if not HUB.running:  # the test took the hub down: bring it back where HF_ENDPOINT points
         HUB.start()
         huggingface_hub.close_session()  # pooled connections point at the old server
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny Llama saved with its tokenizer (`tiny_models.save_tiny`), once per test module."""
+    from .tiny_models import save_tiny
+
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    save_tiny("llama", path)
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a job loads a model or builds its trainer: the error must come before that."""
+    import hfprune.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(hfprune.trainer, "load_model", refuse)
+    monkeypatch.setattr(hfprune.trainer.PruningTrainer, "__init__", refuse)

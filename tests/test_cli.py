@@ -7,16 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hfprune.cli import main
 
-from .tiny_models import alpaca_records, save_tiny
+from .tiny_models import TEXT, tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-TEXT = "the quick brown fox jumps over the lazy dog while small birds sing in tall green trees\n" * 8
-
 
 def _run(capsys, *argv):
     code = main(list(argv))
@@ -24,47 +20,10 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "base"
-    save_tiny("llama", path)
-    return path
-
 
 def _recipe(tmp_path: Path, base: Path, **sections) -> Path:
-    """A recipe for the tiny Llama: 4 optimizer steps on 32 alpaca records, eval on a short text."""
-    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(32)))
-    (tmp_path / "text.txt").write_text(TEXT)
-    recipe = {
-        "model": {"name_or_path": str(base), "load_in_8bit": False, "dtype": "float32"},
-        "lora": {"r": 4, "lora_alpha": 8},
-        "pruning": {"target_sparsity": 0.5, "prune_every": 1, "protected_layers": [0], "seed": 0},
-        "data": {"train": "data.json", "max_length": 128, "train_on_prompt": True},  # relative to the recipe
-        "training": {"output_dir": str(tmp_path / "trainer"), "max_steps": 4, "per_device_train_batch_size": 2,
-                     "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "seed": 0},
-        "export": {"output_dir": str(tmp_path / "model")},
-        "eval": {"perplexity": ["text.txt"], "seq_len": 16, "max_windows": 2,
-                 "speed": {"prompt_len": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}},
-    }
-    for name, value in sections.items():
-        if value is None:
-            recipe.pop(name, None)
-        else:
-            recipe[name] = {**recipe.get(name, {}), **value}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fail the test if a model is loaded: errors must come before that."""
-    import hfprune.trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was found")
-
-    monkeypatch.setattr(hfprune.trainer.PruningTrainer, "__init__", refuse)
+    """The tiny Llama's recipe, with an eval section."""
+    return tiny_recipe(tmp_path, base, with_eval=True, **sections)
 
 
 # ---- help ---------------------------------------------------------------------------------------------------
@@ -239,14 +198,14 @@ def test_same_seed_and_inputs_give_the_same_pruned_model(capsys, tmp_path, tiny_
     assert kept[0] == kept[1]
 
 
-def test_prune_dry_run_checks_everything_and_writes_nothing(capsys, tmp_path, tiny_base, no_training):
+def test_prune_dry_run_checks_everything_and_writes_nothing(capsys, tmp_path, tiny_base, no_model_load):
     code, out, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)), "--dry-run")
     assert code == 0, err
     assert "32 alpaca records" in out and "Plan for" in out
     assert not (tmp_path / "model").exists() and not (tmp_path / "trainer").exists()
 
 
-def test_existing_output_directory_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+def test_existing_output_directory_is_refused_before_training(capsys, tmp_path, tiny_base, no_model_load):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)))
@@ -254,7 +213,7 @@ def test_existing_output_directory_is_refused_before_training(capsys, tmp_path, 
     assert "export.output_dir=" in err and "exists and is not empty; pass export.overwrite=true" in err
 
 
-def test_earlier_checkpoints_are_refused_unless_resumed(capsys, tmp_path, tiny_base, no_training):
+def test_earlier_checkpoints_are_refused_unless_resumed(capsys, tmp_path, tiny_base, no_model_load):
     (tmp_path / "trainer" / "checkpoint-2").mkdir(parents=True)
     code, _, err = _run(capsys, "prune", str(_recipe(tmp_path, tiny_base)))
     assert code == 2 and "holds checkpoints of an earlier run (checkpoint-2)" in err
@@ -262,7 +221,7 @@ def test_earlier_checkpoints_are_refused_unless_resumed(capsys, tmp_path, tiny_b
     assert code == 2 and "no such checkpoint directory" in err
 
 
-def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_path, tiny_base, no_model_load):
     path = _recipe(tmp_path, tiny_base)
     (tmp_path / "qa.jsonl").write_text('{"question": "why?", "answer": "because"}\n')
     code, _, err = _run(capsys, "prune", str(path), "data.train=qa.jsonl")
@@ -274,7 +233,7 @@ def test_data_without_the_needed_fields_is_refused_before_training(capsys, tmp_p
     assert code == 2 and "no such file" in err
 
 
-def test_data_with_nothing_to_train_on_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+def test_data_with_nothing_to_train_on_is_refused_before_training(capsys, tmp_path, tiny_base, no_model_load):
     path = _recipe(tmp_path, tiny_base)
     records = [{"prompt": "p" * 200, "completion": "c"}] * 3  # trl's prompt-completion format, prompts too long
     (tmp_path / "long.json").write_text(json.dumps(records))
@@ -285,7 +244,7 @@ def test_data_with_nothing_to_train_on_is_refused_before_training(capsys, tmp_pa
     assert "max_length=64" in err
 
 
-def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp_path, tiny_base, no_training,
+def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp_path, tiny_base, no_model_load,
                                                                     monkeypatch):
     path = _recipe(tmp_path, tiny_base)
     code, _, err = _run(capsys, "prune", str(path), "eval.perplexity=[missing.txt]")
@@ -295,13 +254,13 @@ def test_missing_eval_file_and_hub_token_are_refused_before_training(capsys, tmp
     assert code == 2 and "MY_HUB_TOKEN is not set" in err
 
 
-def test_infeasible_target_is_refused_before_training(capsys, tmp_path, tiny_base, no_training):
+def test_infeasible_target_is_refused_before_training(capsys, tmp_path, tiny_base, no_model_load):
     path = _recipe(tmp_path, tiny_base)
     code, _, err = _run(capsys, "prune", str(path), "pruning.target_sparsity=0.9", "pruning.structures=[heads]")
     assert code == 2 and "target_sparsity=0.9: layer 1 can give up at most" in err
 
 
-def test_pickle_checkpoints_are_refused(capsys, tmp_path, tiny_base, no_training):
+def test_pickle_checkpoints_are_refused(capsys, tmp_path, tiny_base, no_model_load):
     import shutil
 
     hostile = tmp_path / "hostile"

@@ -115,14 +115,14 @@ def test_the_checkpoint_loads_as_the_readme_says_with_and_without_hfprune(quick_
 
 @pytest.mark.slow  # a training run in its own process
 def test_the_sft_trainer_block_saves_a_loadable_checkpoint_and_refuses_a_plain_save(tmp_path):
-    prelude = textwrap.dedent(f"""
+    prelude = textwrap.dedent("""
         import datasets
         from peft import LoraConfig
         from trl import SFTConfig
         from tests.tiny_models import alpaca_records, tiny_model, tiny_tokenizer
 
         model = tiny_model("llama")
-        ds = datasets.Dataset.from_list([{{"prompt": r["instruction"] + " ", "completion": r["output"]}}
+        ds = datasets.Dataset.from_list([{"prompt": r["instruction"] + " ", "completion": r["output"]}
                                         for r in alpaca_records(32)])
         sft_config = SFTConfig(output_dir="sft", max_steps=6, per_device_train_batch_size=2, learning_rate=2e-3,
                                report_to=[], save_strategy="no", use_cpu=True, max_length=64)

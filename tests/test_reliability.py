@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-import yaml
 from transformers import TrainerCallback, TrainingArguments
 
 from hfprune import PruningConfig, PruningTrainer, prune_model
@@ -22,7 +21,7 @@ from hfprune.export import PickleCheckpointError, save_pruned
 from hfprune.masking import PruningMasks
 from hfprune.structure import discover, discover_for_config
 
-from .tiny_models import alpaca_records, batch, save_tiny, tiny_model, tiny_tokenizer
+from .tiny_models import alpaca_records, batch, tiny_model, tiny_recipe, tiny_tokenizer
 
 
 def _run(capsys, *argv):
@@ -31,41 +30,9 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "base"
-    save_tiny("llama", path)
-    return path
-
 
 def _recipe(tmp_path: Path, base, **sections) -> Path:
-    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(32)))
-    recipe = {
-        "model": {"name_or_path": str(base), "load_in_8bit": False, "dtype": "float32"},
-        "lora": {"r": 4, "lora_alpha": 8},
-        "pruning": {"target_sparsity": 0.3, "prune_every": 1, "protected_layers": [0], "seed": 0},
-        "data": {"train": "data.json", "max_length": 128, "train_on_prompt": True},
-        "training": {"output_dir": str(tmp_path / "trainer"), "max_steps": 4, "per_device_train_batch_size": 2,
-                     "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "seed": 0},
-        "export": {"output_dir": str(tmp_path / "model")},
-    }
-    for name, value in sections.items():
-        recipe[name] = {**recipe.get(name, {}), **value}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a model is loaded: the error must come before that."""
-    import hfprune.trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the error was found")
-
-    monkeypatch.setattr(hfprune.trainer, "load_model", refuse)
-    monkeypatch.setattr(hfprune.trainer.PruningTrainer, "__init__", refuse)
+    return tiny_recipe(tmp_path, base, target_sparsity=0.3, **sections)
 
 
 def _args(tmp_path, **overrides):

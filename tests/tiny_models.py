@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 COMMON = dict(
@@ -118,6 +122,38 @@ def save_tiny(name: str, path, **overrides):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+TEXT = "the quick brown fox jumps over the lazy dog while small birds sing in tall green trees\n" * 8
+
+
+def tiny_recipe(tmp_path: Path, base, *, target_sparsity: float = 0.5, with_eval: bool = False,
+                **sections) -> Path:
+    """A recipe for a saved tiny model (`save_tiny`): 4 optimizer steps on 32 alpaca records (`data.json`
+    beside it), the export in tmp_path/model; `with_eval`: perplexity on a short text and a quick speed
+    check. `sections` update the recipe's sections key by key; a section given as None is removed."""
+    (tmp_path / "data.json").write_text(json.dumps(alpaca_records(32)))
+    recipe = {
+        "model": {"name_or_path": str(base), "load_in_8bit": False, "dtype": "float32"},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "pruning": {"target_sparsity": target_sparsity, "prune_every": 1, "protected_layers": [0], "seed": 0},
+        "data": {"train": "data.json", "max_length": 128, "train_on_prompt": True},  # relative to the recipe
+        "training": {"output_dir": str(tmp_path / "trainer"), "max_steps": 4, "per_device_train_batch_size": 2,
+                     "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "no", "use_cpu": True, "seed": 0},
+        "export": {"output_dir": str(tmp_path / "model")},
+    }
+    if with_eval:
+        (tmp_path / "text.txt").write_text(TEXT)
+        recipe["eval"] = {"perplexity": ["text.txt"], "seq_len": 16, "max_windows": 2,
+                          "speed": {"prompt_len": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}}
+    for name, value in sections.items():
+        if value is None:
+            recipe.pop(name, None)
+        else:
+            recipe[name] = {**recipe.get(name, {}), **value}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 # A tiny Llama whose every 4-bit layer bitsandbytes 0.50 computes right on the CPU: in_features a multiple of the

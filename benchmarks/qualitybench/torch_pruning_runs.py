@@ -26,7 +26,7 @@ from pathlib import Path
 import common
 from qualitybench import data
 from qualitybench.evaluation import Probe
-from qualitybench.runs import Context, RunResult, finish, training_args, widths_summary
+from qualitybench.runs import Context, RunResult, finish, training_args
 from qualitybench.specs import Budget, RunSpec
 
 HEAD_PROBE_TIMEOUT_S = 90
