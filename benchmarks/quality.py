@@ -392,7 +392,8 @@ def report_markdown(results, missing, methods, budgets, plan, settings, info, ex
                 f"{budget.steps} optimizer steps of {budget.batch_size} x {budget.seq_len} tokens, data "
                 f"`{budget.data}` read in order; hfprune: {budget.pruning_steps} progressive pruning steps (masks "
                 f"every {budget.prune_every}), then recovery; Torch-Pruning: one shot from those "
-                f"{budget.pruning_steps} batches, then {budget.steps} LoRA steps; AdamW lr {budget.learning_rate}, "
+                f"{budget.pruning_steps} batches, then LoRA on the {budget.steps - budget.pruning_steps} batches "
+                f"after them (hfprune's recovery steps); AdamW lr {budget.learning_rate}, "
                 f"linear decay, {budget.warmup_steps} warm-up steps"
                 + (f"; perplexity every {budget.eval_every} steps (the curve)" if budget.eval_every else ""))
         lines += [f"## Budget `{name}`", "", what + ".", "", report.budget_table(results, name, budget), ""]
