@@ -18,7 +18,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 try:
     import fcntl
@@ -34,20 +34,26 @@ FILE_MODE = 0o644
 DIRECTORY_MODE = 0o755
 
 
-def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+def _write_file_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+    """`write(tmp)` fills a temporary file in `path`'s directory, which is then renamed onto `path`: a reader
+    sees the old file or the whole new one, and a failure leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same directory and a rename."""
+    return _write_file_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
@@ -58,18 +64,8 @@ def save_safetensors_atomic(tensors: dict, path: PathLike, metadata: Optional[di
     """`safetensors.torch.save_file`, through a temporary file and a rename."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _write_file_atomic(
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
 
 
 @contextlib.contextmanager
