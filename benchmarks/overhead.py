@@ -152,7 +152,9 @@ def report(results: list[dict], args, info: dict, smoke: bool) -> tuple[str, dic
         "What the overhead is: for each of the 7 projections of every prunable layer, the LoRA gradient estimate "
         "`dB·A + B·dA - dB·dA` and the effective weight `W + s·B·A` (de-quantised from int8 on the 8-bit base) "
         "in blocks of rows, reduced to per-head and per-channel sums; plus the mask hooks on o_proj/down_proj. "
-        "It does not grow with the batch, so larger batches (or gradient accumulation) shrink it further.",
+        "That part does not grow with the batch, so larger batches (or gradient accumulation) shrink it. With the "
+        "default compensation, the Gram update of every o_proj / down_proj input (x^T x over every token) is "
+        "added, which grows with the tokens; PruningConfig(compensation='none') or compensation_tokens leave it out.",
     ]
     return "\n".join(lines), {"target": TARGET, "met": verdicts}
 

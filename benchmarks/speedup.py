@@ -5,11 +5,11 @@
 
 Models: the dense fp32 SmolLM2-135M-Instruct and copies pruned one-shot with
 `prune_model(importance="magnitude")` (speed does not depend on the criterion) to 20% and
-50% of the prunable parameters, with the default `PruningConfig` structures (KV groups +
-MLP channels, local ranking), each without rounding and with kept widths rounded to
-hardware-friendly multiples: `round_channels_to=64` (MLP widths a multiple of 64) and
-`round_heads_to=3` (whole KV groups of 3 query heads; with `head_dim=64` every attention
-width is then a multiple of 192).
+50% of the prunable parameters, with the default `PruningConfig` structures (query heads
+inside KV groups + MLP channels, local ranking), each without rounding and with kept widths
+rounded to hardware-friendly multiples: `round_channels_to=64` (MLP widths a multiple of 64)
+and `round_heads_to=3` (query heads a multiple of SmolLM2's 3 KV heads; with `head_dim=64`
+every attention width is then a multiple of 192).
 
 Timing (`hfprune.evaluation.measure_speed`): batch 1, a 1024-token prompt (prefill: one
 forward pass building the KV cache, logits of the last position only), then 64 greedy
