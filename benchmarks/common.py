@@ -153,6 +153,32 @@ def package_version(name: str) -> Optional[str]:
         return None
 
 
+def other_torch_processes() -> list[str]:
+    """Other processes that have torch loaded (Linux: libtorch in /proc/PID/maps), this one and its own
+    ancestors and children aside: two torch jobs on a few cores slow each other down several-fold, so every
+    report says whether its benchmark ran alone. Empty where /proc cannot tell."""
+    own = {os.getpid()}
+    pid = os.getppid()
+    while pid > 1 and pid not in own:
+        own.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    found = []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else ():
+        try:
+            pid = int(entry.name)
+            if pid in own or int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) in own:
+                continue
+            if "libtorch" in (entry / "maps").read_text():
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{pid} {command[:80].strip()}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def machine() -> dict:
     info = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -160,6 +186,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
+        "other_torch_processes": other_torch_processes(),
     }
     if "torch" in sys.modules:
         info["torch_threads"] = sys.modules["torch"].get_num_threads()
@@ -176,6 +203,10 @@ def machine_line(info: dict) -> str:
     load, end = info.get("load_average"), info.get("load_average_end")
     load = f", load average at start {load[0]:.1f}" if load else ""
     load += f", at end {end[0]:.1f}" if end else ""  # what else ran meanwhile, for a long benchmark
+    if "other_torch_processes" in info:
+        others = info["other_torch_processes"]
+        load += (f", other torch processes at start: {len(others)} ({'; '.join(others)[:160]})" if others
+                 else ", no other torch process at start")
     return (
         f"{info['date']}; {info['cpu']}, {info['cores']} CPU cores, torch threads {info.get('torch_threads')}{load}; "
         f"torch {info['torch']}, transformers {info.get('transformers')}, peft {info.get('peft')}, "

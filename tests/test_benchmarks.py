@@ -144,3 +144,25 @@ def test_criteria_oneshot_smoke(tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| param_second |" in (tmp_path / "criteria_oneshot.md").read_text()
+
+
+def test_reports_name_the_other_torch_processes_running_beside_them():
+    """A torch job started beside a benchmark (here a grandchild, as any unrelated job would be) is named in the
+    report's machine line; the benchmark's own process and ancestors are not."""
+    import time
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import common
+
+    before = set(common.other_torch_processes())
+    assert not any(entry.startswith(f"{os.getpid()} ") for entry in before)  # pytest has torch: never counted
+    other = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import torch, time; time.sleep(60)' & wait"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := set(common.other_torch_processes()) - before) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(found) == 1 and "import torch" in next(iter(found)), found
+        assert f"other torch processes at start: {len(before) + 1}" in common.machine_line(common.machine())
+    finally:
+        subprocess.run(["pkill", "-P", str(other.pid)])
+        other.wait(timeout=30)
