@@ -544,11 +544,10 @@ def test_compensation_grams_are_counted_as_the_engine_allocates_them():
 
 
 def test_the_65b_grams_are_what_the_design_notes_say():
-    """LLaMA-65B: a 22016-wide MLP Gram is 1.9 GB per layer; 71 prunable layers of 80."""
+    """LLaMA-65B: an 8192-wide o_proj input and a 22016-wide MLP per layer, 71 prunable layers of 80."""
     estimate = estimate_memory("llama-65b", criterion="lora", load_in_8bit=True)
     per_layer = 4 * 8192 ** 2 + 8 * 8192 + 4 * 22016 ** 2 + 8 * 22016
     assert estimate.host_memory["compensation_grams"] == per_layer * (80 - 9)
-    assert 4 * 22016 ** 2 / 1e9 == pytest.approx(1.94, abs=0.01)
 
 
 def test_a_bad_compensation_is_named():
